@@ -1,0 +1,273 @@
+"""BYOL pretraining (Grill et al. 2020, arXiv:2006.07733), one loop, top to bottom.
+
+Built from lightly's parts: BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity,
+update_momentum, cosine_schedule, LARS, get_weight_decay_parameters. The data path and the
+augmentation are the project's own (core.data, core.augment): uint8 images on the device,
+both views built there per step with per-sample random parameters.
+
+    python -m byol configs/quickstart.yaml name=my-run train.epochs=20
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from lightly.loss import NegativeCosineSimilarity
+from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters, update_momentum
+from lightly.utils.lars import LARS
+from lightly.utils.scheduler import cosine_schedule
+
+from core import checkpoint as ckpt
+from core import data as datalib
+from core import engine
+from core.augment import AugmentConfig, two_view_augment
+from core.config import EvalConfig, ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
+from core.errors import UserError
+from core.evaluate import evaluate_backbone
+from core.models import backbone_spec, build_backbone, count_macs, count_params, feature_dim
+from core.track import Progress, Tracker, log_line
+
+STAGE = "byol"
+
+
+@dataclass
+class ByolConfig:
+    proj_hidden_dim: int = 4096  # BYOL paper, Sec. 3.3
+    proj_dim: int = 256
+    pred_hidden_dim: int = 4096
+    momentum_start: float = 0.99  # tau_base; rises to 1 on a cosine (paper, Sec. 3.3)
+    momentum_end: float = 1.0
+    # False makes the targets come from the online network with gradients: the collapsing
+    # variant (SimSiam, Chen & He 2021, Fig. 2). It exists for the test that must fail on it.
+    stop_gradient: bool = True
+
+
+@dataclass
+class Config(StageConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    byol: ByolConfig = field(default_factory=ByolConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class Online(nn.Module):
+    """backbone -> projection -> prediction; one module so DDP can wrap it."""
+
+    def __init__(self, backbone: nn.Module, projection: nn.Module, prediction: nn.Module):
+        super().__init__()
+        self.backbone, self.projection, self.prediction = backbone, projection, prediction
+
+    def forward(self, x):
+        z = self.projection(self.backbone(x))
+        return self.prediction(z), z
+
+
+def lr_schedule(cfg: TrainConfig, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
+    """Linear warmup then cosine to 0, one value per step (precomputed, DINO-style)."""
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    ramp = np.linspace(0.0, base_lr, warmup, endpoint=False)
+    steps = np.arange(total_steps - warmup)
+    cosine = 0.5 * base_lr * (1 + np.cos(np.pi * steps / max(1, len(steps))))
+    return np.concatenate([ramp, cosine])
+
+
+def build_optimizer(cfg: TrainConfig, online: nn.Module, lr: float):
+    # No weight decay (and no LARS adaptation) on BatchNorm and bias parameters (BYOL, Sec. C.1).
+    decay, no_decay = get_weight_decay_parameters([online])
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum,
+                               foreach=None if not torch.cuda.is_available() else True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def run(cfg: Config) -> Path:
+    run_dir = ckpt.artifact_dir(cfg.run_root, STAGE, cfg.name)
+    if (run_dir / "model.pt").is_file() and (run_dir / "metrics.json").is_file():
+        log_line(f"byol: {run_dir} is already finished; nothing to do")
+        return run_dir
+
+    # ============ device, seeds, distributed ... ============
+    device = engine.resolve_device(cfg.engine)
+    dist = engine.init_distributed(device)
+    engine.seed_everything(cfg.seed + dist.rank, cfg.engine.deterministic)
+    bf16 = engine.use_bf16(cfg.engine, device)
+
+    # ============ data: uint8 images resident on the device ============
+    splits = datalib.load_splits(cfg.data)
+    in_memory = isinstance(splits.train, datalib.ImageSet)
+    train_set = splits.train.to(device) if in_memory else splits.train
+    batch_size = cfg.train.batch_size  # per process
+    steps_per_epoch = datalib.steps_per_epoch(len(train_set), batch_size, dist.world_size)
+    total_steps = cfg.train.epochs * steps_per_epoch
+
+    # ============ networks: online (backbone, projector, predictor), target (EMA) ============
+    backbone = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    dim = feature_dim(backbone)
+    online = Online(backbone,
+                    BYOLProjectionHead(dim, cfg.byol.proj_hidden_dim, cfg.byol.proj_dim),
+                    BYOLPredictionHead(cfg.byol.proj_dim, cfg.byol.pred_hidden_dim, cfg.byol.proj_dim))
+    if dist.world_size > 1 and device.type == "cuda":
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # BN over the global batch
+    online = engine.prepare_module(online, cfg.engine, device)
+    target = copy.deepcopy(nn.Sequential(online.backbone, online.projection))
+    deactivate_requires_grad(target)
+    online_step = online
+    if dist.world_size > 1:
+        online_step = nn.parallel.DistributedDataParallel(
+            online, device_ids=[device.index] if device.type == "cuda" else None)
+    online_fwd = engine.maybe_compile(online_step, cfg.engine, device)
+    target_fwd = engine.maybe_compile(target, cfg.engine, device)
+
+    # ============ loss, optimizer, schedules ============
+    criterion = NegativeCosineSimilarity()
+    base_lr = cfg.train.lr * batch_size * dist.world_size / 256  # linear scaling rule
+    optimizer = build_optimizer(cfg.train, online, base_lr)
+    lrs = lr_schedule(cfg.train, base_lr, total_steps, steps_per_epoch)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist.rank)
+
+    # ============ resume ============
+    step, wandb_id, history = 0, None, []
+    if (run_dir / "checkpoint.pt").is_file():
+        state = ckpt.safe_load(run_dir / "checkpoint.pt")
+        online.load_state_dict(state["online"])
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        aug_gen.set_state(state["aug_rng"].cpu() if device.type == "cpu" else state["aug_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step, wandb_id, history = state["step"], state["wandb_id"], state["history"]
+        if dist.is_main:
+            log_line(f"byol: resumed {run_dir} at step {step}/{total_steps}")
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+    tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{cfg.name}", to_dict(cfg), wandb_id, enabled=dist.is_main)
+
+    def save_checkpoint():
+        if not dist.is_main:
+            return
+        ckpt.atomic_save({
+            "step": step, "online": online.state_dict(), "target": target.state_dict(),
+            "optimizer": optimizer.state_dict(), "aug_rng": aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "wandb_id": tracker.id, "history": history,
+        }, run_dir / "checkpoint.pt")
+
+    def knn_monitor() -> float:
+        metrics, _ = evaluate_backbone(online.backbone, splits, cfg.eval, device, bf16, probe=False)
+        return metrics["knn_top1"]
+
+    # ============ training loop ============
+    stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
+    progress = Progress(stop_at, step, desc=f"byol {cfg.name}", enabled=cfg.engine.progress and dist.is_main)
+    online.train(), target.train()
+    epoch_seconds = []
+    with engine.StopGuard() as guard:
+        while step < stop_at:
+            epoch, first = divmod(step, steps_per_epoch)
+            order = datalib.epoch_permutation(len(train_set), cfg.seed, epoch, dist.rank, dist.world_size)
+            if in_memory:
+                batches = datalib.in_memory_batches(train_set, order, batch_size, first)
+            else:
+                batches = datalib.jpeg_batches(train_set, order, batch_size, cfg.data.image_size, device,
+                                               cfg.data.num_workers, first)
+            epoch_start = time.perf_counter()
+            for images, _ in batches:
+                lr, momentum = lrs[step], cosine_schedule(step, total_steps, cfg.byol.momentum_start,
+                                                          cfg.byol.momentum_end)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, aug_gen,
+                                                splits.mean, splits.std)
+                if device.type == "cuda" and cfg.engine.channels_last:
+                    view1 = view1.contiguous(memory_format=torch.channels_last)
+                    view2 = view2.contiguous(memory_format=torch.channels_last)
+                with engine.autocast(cfg.engine, device):
+                    # Views go through the networks separately, so each BatchNorm sees one view.
+                    p1, z1_online = online_fwd(view1)
+                    p2, z2_online = online_fwd(view2)
+                    if cfg.byol.stop_gradient:
+                        with torch.no_grad():
+                            z1, z2 = target_fwd(view1), target_fwd(view2)
+                    else:
+                        z1, z2 = z1_online, z2_online
+                    # Symmetric loss: each view's prediction regresses the other view's target
+                    # (paper Eq. 2-3; -cos instead of 2-2cos, the same gradient up to a factor 2).
+                    loss = criterion(p1, z2.detach() if cfg.byol.stop_gradient else z2) + \
+                        criterion(p2, z1.detach() if cfg.byol.stop_gradient else z1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                update_momentum(nn.Sequential(online.backbone, online.projection), target, momentum)
+                step += 1
+
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise SystemExit(f"byol: loss is {loss_value} at step {step}; stopping "
+                                     f"(last good checkpoint: {run_dir / 'checkpoint.pt'})")
+                progress.update(len(images) * dist.world_size, loss=loss_value, lr=lr, epoch=epoch)
+                if step % 10 == 0 or step == stop_at:
+                    tracker.log({"train/loss": loss_value, "train/lr": lr, "train/momentum": momentum,
+                                 "train/images_per_s": progress.images_per_s}, step=step)
+                if guard.stop_requested:
+                    save_checkpoint()
+                    tracker.finish()
+                    guard.stop()
+                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
+                    save_checkpoint()
+                if step == stop_at:
+                    break
+
+            if step % steps_per_epoch == 0:  # a whole epoch ended here
+                if first == 0:  # a resumed partial epoch would understate the time
+                    epoch_seconds.append(time.perf_counter() - epoch_start)
+                done_epochs = step // steps_per_epoch
+                every = cfg.eval.knn_every_epochs
+                if dist.is_main and every and (done_epochs % every == 0 or done_epochs == cfg.train.epochs):
+                    knn = knn_monitor()
+                    history.append({"epoch": done_epochs, "step": step, "knn_top1": knn, "loss": loss_value})
+                    tracker.log({"val/knn_top1": knn, "epoch": done_epochs}, step=step)
+                    progress.write(f"epoch {done_epochs}: loss {loss_value:.4f}  kNN top-1 {knn:.4f}")
+            save_checkpoint()
+    progress.close()
+
+    if step < total_steps:  # stopped early on purpose (train.max_steps): resumable, not final
+        tracker.finish()
+        log_line(f"byol: stopped at step {step}/{total_steps} (train.max_steps); rerun to continue")
+        return run_dir
+
+    # ============ final artifact: weights, probe, metrics ============
+    if dist.is_main:
+        backbone = online.backbone
+        spec = backbone_spec(backbone, cfg.model.arch, cfg.model.cifar_stem)
+        metrics, head = evaluate_backbone(backbone, splits, cfg.eval, device, bf16, cfg.seed, cfg.eval.probe)
+        meta = {"stage": STAGE, "name": cfg.name, "data": cfg.data.name, "num_classes": splits.num_classes,
+                "image_size": splits.image_size, "mean": list(splits.mean), "std": list(splits.std),
+                "parents": []}
+        ckpt.save_model(run_dir, backbone, spec, meta, head)
+        metrics.update({
+            "stage": STAGE, "arch": cfg.model.arch, "epochs": cfg.train.epochs, "steps": total_steps,
+            "params": count_params(backbone), "macs": count_macs(backbone, splits.image_size),
+            "file_mb": (run_dir / "model.pt").stat().st_size / 2**20,
+            "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+            "final_loss": history[-1]["loss"] if history else None, "knn_history": history,
+        })
+        ckpt.write_json(run_dir / "metrics.json", metrics)
+        tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_line(f"byol: done -> {run_dir}  kNN top-1 {metrics['knn_top1']:.4f}"
+                 + (f"  probe top-1 {metrics['probe_top1']:.4f}" if "probe_top1" in metrics else ""))
+    tracker.finish()
+    engine.barrier(dist)
+    return run_dir

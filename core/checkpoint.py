@@ -1,0 +1,150 @@
+"""The artifact directory: atomic writes, safe loads, lineage.
+
+    <run_root>/<stage>/<name>/
+      config.yaml     the fully resolved config
+      checkpoint.pt   latest resumable state (plain tensors and numbers only)
+      model.pt        final weights: {"spec", "backbone", "head", "meta"}
+      metrics.json    final metrics
+
+Every write goes to a temporary file in the same directory, is fsynced, then renamed over
+the target: a job killed mid-write leaves the previous file intact. Every load uses
+`torch.load(weights_only=True)`, so a file can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from core.errors import UserError
+from core.models import backbone_from_spec
+
+
+def artifact_dir(run_root: str, stage: str, name: str) -> Path:
+    return Path(run_root) / stage / name
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save through a temp file + rename."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def safe_load(path: Path, map_location="cpu") -> dict:
+    """torch.load with weights_only=True; a truncated or corrupt file is one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load {path}: the file is truncated or corrupt ({msg[:160]})") from None
+
+
+# ----------------------------------------------------------------------------- json / config
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_metrics(run_dir: Path, new: dict) -> dict:
+    """Merge `new` into metrics.json (a later evaluation adds keys, keeps the others)."""
+    metrics = read_metrics(run_dir)
+    metrics.update(new)
+    write_json(Path(run_dir) / "metrics.json", metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class Artifact:
+    """A loaded model.pt: rebuilt backbone (eval mode), optional probe head, metadata."""
+
+    path: Path
+    backbone: nn.Module
+    head: Optional[nn.Linear]
+    spec: dict
+    meta: dict
+
+
+def save_model(run_dir: Path, backbone: nn.Module, spec: dict, meta: dict,
+               head: Optional[nn.Linear] = None) -> Path:
+    """model.pt: weights + the spec that rebuilds the module + meta (data stats, lineage)."""
+    blob = {
+        "spec": spec,
+        "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+        "head": None if head is None else {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "meta": meta,
+    }
+    path = Path(run_dir) / "model.pt"
+    atomic_save(blob, path)
+    return path
+
+
+def save_head(run_dir: Path, head: nn.Linear) -> None:
+    """Add (or replace) the probe head in an existing model.pt."""
+    path = Path(run_dir) / "model.pt"
+    blob = safe_load(path)
+    blob["head"] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    atomic_save(blob, path)
+
+
+def load_model(run_dir: Path, what: str = "artifact") -> Artifact:
+    """Rebuild the backbone from its spec and load its weights strictly."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise UserError(f"{what} {run_dir} has no model.pt (not a finished stage artifact?)")
+    blob = safe_load(path)
+    if not isinstance(blob, dict) or "spec" not in blob or "backbone" not in blob:
+        raise UserError(f"{path} is not a model artifact (expected keys spec, backbone)")
+    backbone = backbone_from_spec(blob["spec"])
+    try:
+        backbone.load_state_dict(blob["backbone"], strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match the spec ({str(e).splitlines()[0]})") from None
+    head = None
+    if blob.get("head") is not None:
+        w = blob["head"]["weight"]
+        head = nn.Linear(w.shape[1], w.shape[0])
+        head.load_state_dict(blob["head"])
+        head.eval()
+    backbone.eval()
+    return Artifact(path, backbone, head, blob["spec"], blob.get("meta", {}))

@@ -1,0 +1,240 @@
+"""Typed config schemas and strict loading: YAML file + `key=value` overrides.
+
+Each stage declares its schema as a dataclass built from the shared sections below
+(`byol.train.Config`, `distill.train.Config`, ...). `load_config` merges defaults, the YAML
+file and the overrides with OmegaConf's structured configs, then checks every field that
+has a fixed set of choices. Any mistake (unknown key, wrong type, bad choice, missing
+file) raises `UserError` with one line that names the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Type, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from core.augment import AugmentConfig
+from core.errors import UserError
+
+T = TypeVar("T")
+
+
+def choice(default: str, *choices: str):
+    """A string field restricted to `choices` (checked by `load_config`)."""
+    assert default in choices, (default, choices)
+    return field(default=default, metadata={"choices": choices})
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    name: str = choice("digits", "cifar10", "cifar100", "stl10", "imagefolder", "digits", "synthetic")
+    root: str = "data"  # torchvision root, or the folder of class folders for imagefolder
+    download: bool = False  # torchvision datasets only; clusters often have no network
+    image_size: int = 32  # side of the training views and of the cached images
+    val_fraction: float = 0.1  # carved from train by split_seed (CIFAR-10: 45k / 5k)
+    split_seed: int = 0
+    # imagefolder: True decodes every image once (resized to image_size) into a cached uint8
+    # tensor, right for small images; False streams JPEG bytes for ImageNet-sized data.
+    in_memory: bool = True
+    cache_dir: str = ""  # where decoded uint8 tensors are cached; "" = <root>/.byolc-cache
+    num_workers: int = 4  # only for the streaming (in_memory=False) path
+    synthetic_size: int = 512  # synthetic: number of train+val images
+    synthetic_classes: int = 10
+
+
+@dataclass
+class ModelConfig:
+    arch: str = choice("resnet18", "resnet18", "resnet34", "resnet50")
+    cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool, for 32px inputs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = choice("lars", "lars", "sgd", "adamw")
+    lr: float = 1.0  # for a batch of 256; scaled linearly with batch_size (Goyal et al. 2017)
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch (and on SIGTERM/SIGUSR2)
+    max_steps: int = 0  # > 0 stops after this many steps (tests, smoke runs); the schedule keeps `epochs`
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200  # Wu et al. 2018, as in solo-learn and lightly's benchmarks
+    knn_temperature: float = 0.1
+    knn_every_epochs: int = 1  # 0 = only at the end
+    probe: bool = True  # linear probe at the end of the stage
+    probe_epochs: int = 100
+    probe_lr: float = 0.1
+    probe_batch_size: int = 512
+    probe_weight_decay: float = 0.0
+    feature_batch_size: int = 512
+
+
+@dataclass
+class EngineConfig:
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    precision: str = choice("auto", "auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: str = choice("auto", "auto", "on", "off")  # auto: torch.compile on CUDA only
+    channels_last: bool = True  # CUDA only
+    deterministic: bool = False  # deterministic kernels (CPU runs are bit-exact on resume regardless)
+    progress: bool = True  # progress bar with loss, lr and images/s
+
+
+@dataclass
+class TrackConfig:
+    mode: str = choice("offline", "offline", "online", "disabled")
+    project: str = "byolc"
+    entity: str = ""
+    group: str = ""  # set by `launch pipeline` / `launch sweep`
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LaunchConfig:
+    """Where `python -m launch` runs the stage; ignored by `python -m STAGE`."""
+
+    cluster: str = choice("local", "local", "slurm", "debug")
+    folder: str = ""  # submitit logs; "" = <run_root>/submitit
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    nodes: int = 1
+    tasks_per_node: int = 1  # > 1: DDP with one process per task
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: int = 8
+    timeout_min: int = 60
+    array_parallelism: int = 16
+    slurm_extra: Dict[str, Any] = field(default_factory=dict)  # any other sbatch parameter
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has. A stage's artifact dir is <run_root>/<stage>/<name>."""
+
+    name: str = "default"
+    run_root: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# `AugmentConfig` lives in core.augment beside the code that reads it.
+__all__ = [
+    "AugmentConfig", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "EngineConfig",
+    "TrackConfig", "LaunchConfig", "StageConfig", "choice", "load_config", "to_yaml",
+    "parse_overrides",
+]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: List[str]) -> Any:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise UserError(f"override {bad[0]!r} is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise UserError(f"cannot parse overrides {overrides}: {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def load_config(schema: Type[T], path: str | Path | None = None, overrides: List[str] = ()) -> T:
+    """defaults(schema) <- YAML file <- overrides, strictly; returns a schema instance."""
+    base = OmegaConf.structured(schema)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml.YAMLError and friends
+            raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    layers.append(parse_overrides(list(overrides)))
+    merged = base
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except ConfigKeyError as e:
+            raise UserError(_unknown_key_message(schema, e.full_key or str(e.key))) from None
+        except ValidationError as e:
+            raise UserError(_bad_value_message(schema, e)) from None
+        except OmegaConfBaseException as e:
+            raise UserError(f"bad config: {str(e).splitlines()[0]}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # e.g. a mandatory (???) value left unset
+        raise UserError(f"bad config value for '{getattr(e, 'full_key', '')}': {str(e).splitlines()[0]}") from None
+    check_choices(cfg)
+    return cfg
+
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            check_choices(value, key + ".")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise UserError(f"bad value for '{key}': {value!r}; choices: {', '.join(f.metadata['choices'])}")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def _schema_at(schema: Any, dotted: str):
+    """The dataclass type that holds the last component of `dotted` (None if not a section)."""
+    node = schema
+    for part in dotted.split(".")[:-1]:
+        sub = {f.name: f for f in fields(node)}.get(part)
+        if sub is None:
+            return None
+        default = sub.default_factory() if callable(sub.default_factory) else sub.default
+        if not is_dataclass(default):
+            return None
+        node = type(default)
+    return node
+
+
+def _unknown_key_message(schema: Any, key: str) -> str:
+    parent = _schema_at(schema, key)
+    name = key.split(".")[-1]
+    if parent is None:
+        return f"unknown key '{key}'"
+    valid = [f.name for f in fields(parent)]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    where = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    return f"unknown key '{key}'{hint} valid keys{' under ' + where[:-1] if where else ''}: {', '.join(valid)}"
+
+
+def _bad_value_message(schema: Any, e: ValidationError) -> str:
+    key = e.full_key or ""
+    expected = ""
+    parent = _schema_at(schema, key) if key else None
+    if parent is not None:
+        f = {f.name: f for f in fields(parent)}.get(key.split(".")[-1])
+        if f is not None:
+            expected = f"; expected {getattr(f.type, '__name__', f.type)}"
+    return f"bad value for '{key}': {str(e.msg).splitlines()[0]}{expected}"

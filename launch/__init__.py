@@ -1,0 +1,1 @@
+"""launch stage (see the README)."""

@@ -1,0 +1,65 @@
+"""Linear probe + kNN of any backbone artifact, as its own job.
+
+The backbone stays frozen and in eval mode; features are computed once (no augmentation)
+and cached in memory, then a linear classifier trains on them. Writes its own artifact dir
+with the head (used as the teacher's classifier by distillation's `kd` loss) and metrics.
+
+    python -m probe configs/probe.yaml artifact=runs/byol/quickstart
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core import checkpoint as ckpt
+from core import data as datalib
+from core import engine
+from core.config import EvalConfig, StageConfig, to_dict, to_yaml
+from core.errors import UserError
+from core.evaluate import evaluate_backbone
+from core.models import count_macs, count_params
+from core.track import Tracker, log_line
+
+STAGE = "probe"
+
+
+@dataclass
+class Config(StageConfig):
+    artifact: str = ""  # the backbone artifact dir to evaluate (byol, distill, prune)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def run(cfg: Config) -> Path:
+    if not cfg.artifact:
+        raise UserError("probe needs artifact=DIR (a stage's artifact directory with model.pt)")
+    source = Path(cfg.artifact)
+    name = cfg.name if cfg.name != "default" else "-".join(source.parts[-2:])
+    run_dir = ckpt.artifact_dir(cfg.run_root, STAGE, name)
+    art = ckpt.load_model(source, "artifact")  # fails before any work if absent or broken
+
+    device = engine.resolve_device(cfg.engine)
+    engine.seed_everything(cfg.seed)
+    splits = datalib.load_splits(cfg.data)
+    if art.meta.get("num_classes") not in (None, splits.num_classes) and art.meta.get("data") != cfg.data.name:
+        log_line(f"probe: note: {source} was trained on {art.meta.get('data')}, probing on {cfg.data.name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{name}", to_dict(cfg))
+
+    start = time.perf_counter()
+    backbone = art.backbone.to(device)
+    metrics, head = evaluate_backbone(backbone, splits, cfg.eval, device,
+                                      engine.use_bf16(cfg.engine, device), cfg.seed, probe=True)
+    metrics.update({"source": str(source), "source_stage": art.meta.get("stage"),
+                    "params": count_params(backbone), "macs": count_macs(backbone, splits.image_size),
+                    "seconds": time.perf_counter() - start})
+    ckpt.atomic_save({"head": head.state_dict(), "source": str(source), "num_classes": splits.num_classes,
+                      "data": cfg.data.name}, run_dir / "head.pt")
+    ckpt.write_json(run_dir / "metrics.json", metrics)
+    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracker.finish()
+    log_line(f"probe: {source}: kNN top-1 {metrics['knn_top1']:.4f}  probe top-1 {metrics['probe_top1']:.4f}"
+             f"  top-5 {metrics['probe_top5']:.4f} -> {run_dir}")
+    return run_dir

@@ -1,0 +1,1 @@
+"""prune stage (see the README)."""

@@ -1,0 +1,1 @@
+"""quant stage (see the README)."""

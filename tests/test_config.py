@@ -1,0 +1,53 @@
+"""Strict config loading: every mistake is one line that names the key."""
+
+import pytest
+
+from byol.train import Config
+from core.config import load_config
+from core.errors import UserError
+from tests.conftest import ROOT, run_cli
+
+
+def test_defaults_file_and_overrides_merge():
+    cfg = load_config(Config, ROOT / "configs/quickstart.yaml", ["train.epochs=3", "run_root=/tmp/x"])
+    assert cfg.train.epochs == 3 and cfg.run_root == "/tmp/x"
+    assert cfg.data.name == "digits"  # from the file
+    assert cfg.eval.knn_temperature == 0.1  # from the schema defaults
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "unknown key 'train.lrr'; did you mean 'lr'?"),
+    ("trian.lr=1", "unknown key 'trian'; did you mean 'train'?"),
+    ("train.epochs=abc", "bad value for 'train.epochs'"),
+    ("model.arch=resnet19", "bad value for 'model.arch': 'resnet19'; choices: resnet18, resnet34, resnet50"),
+    ("data.name=mnist", "choices: cifar10, cifar100, stl10, imagefolder, digits, synthetic"),
+    ("epochs", "override 'epochs' is not of the form key=value"),
+])
+def test_bad_override_names_the_key(override, expected):
+    with pytest.raises(UserError) as e:
+        load_config(Config, ROOT / "configs/quickstart.yaml", [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(UserError) as e:
+        load_config(Config, None, ["train.lrr=1"])
+    assert "valid keys under train:" in str(e.value) and "batch_size" in str(e.value)
+
+
+def test_bad_yaml_key_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(UserError, match="unknown key 'train.epochz'"):
+        load_config(Config, bad)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(Config, tmp_path / "nope.yaml")
+
+
+def test_cli_prints_one_line_and_no_traceback():
+    res = run_cli(["-m", "byol", "configs/quickstart.yaml", "train.lrr=1"])
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: unknown key 'train.lrr'")
