@@ -29,7 +29,7 @@ from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
 from core.augment import AugmentConfig, two_view_augment
-from core.config import EvalConfig, ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
+from core.config import ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
 from core.errors import UserError
 from core.evaluate import evaluate_backbone
 from core.models import backbone_spec, build_backbone, count_macs, count_params, feature_dim
@@ -56,7 +56,6 @@ class Config(StageConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
     byol: ByolConfig = field(default_factory=ByolConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class Online(nn.Module):
@@ -102,7 +101,9 @@ def run(cfg: Config) -> Path:
     # ============ device, seeds, distributed ... ============
     device = engine.resolve_device(cfg.engine)
     dist = engine.init_distributed(device)
-    engine.seed_everything(cfg.seed + dist.rank, cfg.engine.deterministic)
+    # One seed on every rank: identical initial weights, the target copy included (DDP broadcasts
+    # only the module it wraps); per-rank randomness (augmentation) comes from aug_gen below.
+    engine.seed_everything(cfg.seed, cfg.engine.deterministic)
     bf16 = engine.use_bf16(cfg.engine, device)
 
     # ============ data: uint8 images resident on the device ============
@@ -140,6 +141,7 @@ def run(cfg: Config) -> Path:
 
     # ============ resume ============
     step, wandb_id, history = 0, None, []
+    loss_sum, loss_count = 0.0, 0  # running mean of the current epoch's loss
     if (run_dir / "checkpoint.pt").is_file():
         state = ckpt.safe_load(run_dir / "checkpoint.pt")
         online.load_state_dict(state["online"])
@@ -148,6 +150,7 @@ def run(cfg: Config) -> Path:
         aug_gen.set_state(state["aug_rng"].cpu() if device.type == "cpu" else state["aug_rng"])
         torch.set_rng_state(state["torch_rng"])
         step, wandb_id, history = state["step"], state["wandb_id"], state["history"]
+        loss_sum, loss_count = state["epoch_loss"]
         if dist.is_main:
             log_line(f"byol: resumed {run_dir} at step {step}/{total_steps}")
     elif dist.is_main:
@@ -163,6 +166,7 @@ def run(cfg: Config) -> Path:
             "step": step, "online": online.state_dict(), "target": target.state_dict(),
             "optimizer": optimizer.state_dict(), "aug_rng": aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(), "wandb_id": tracker.id, "history": history,
+            "epoch_loss": [loss_sum, loss_count],
         }, run_dir / "checkpoint.pt")
 
     def knn_monitor() -> float:
@@ -185,8 +189,9 @@ def run(cfg: Config) -> Path:
                                                cfg.data.num_workers, first)
             epoch_start = time.perf_counter()
             for images, _ in batches:
-                lr, momentum = lrs[step], cosine_schedule(step, total_steps, cfg.byol.momentum_start,
-                                                          cfg.byol.momentum_end)
+                # float(): a numpy scalar in param_groups would make checkpoint.pt fail weights_only loads
+                lr = float(lrs[step])
+                momentum = cosine_schedule(step, total_steps, cfg.byol.momentum_start, cfg.byol.momentum_end)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, aug_gen,
@@ -217,6 +222,7 @@ def run(cfg: Config) -> Path:
                 if not math.isfinite(loss_value):
                     raise SystemExit(f"byol: loss is {loss_value} at step {step}; stopping "
                                      f"(last good checkpoint: {run_dir / 'checkpoint.pt'})")
+                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
                 progress.update(len(images) * dist.world_size, loss=loss_value, lr=lr, epoch=epoch)
                 if step % 10 == 0 or step == stop_at:
                     tracker.log({"train/loss": loss_value, "train/lr": lr, "train/momentum": momentum,
@@ -234,12 +240,16 @@ def run(cfg: Config) -> Path:
                 if first == 0:  # a resumed partial epoch would understate the time
                     epoch_seconds.append(time.perf_counter() - epoch_start)
                 done_epochs = step // steps_per_epoch
+                entry = {"epoch": done_epochs, "step": step, "loss": loss_sum / max(1, loss_count)}
                 every = cfg.eval.knn_every_epochs
                 if dist.is_main and every and (done_epochs % every == 0 or done_epochs == cfg.train.epochs):
-                    knn = knn_monitor()
-                    history.append({"epoch": done_epochs, "step": step, "knn_top1": knn, "loss": loss_value})
-                    tracker.log({"val/knn_top1": knn, "epoch": done_epochs}, step=step)
-                    progress.write(f"epoch {done_epochs}: loss {loss_value:.4f}  kNN top-1 {knn:.4f}")
+                    entry["knn_top1"] = knn_monitor()
+                    tracker.log({"val/knn_top1": entry["knn_top1"], "epoch": done_epochs}, step=step)
+                    progress.write(f"epoch {done_epochs}: mean loss {entry['loss']:.4f}  "
+                                   f"kNN top-1 {entry['knn_top1']:.4f}")
+                history.append(entry)
+                tracker.log({"train/epoch_loss": entry["loss"]}, step=step)
+                loss_sum, loss_count = 0.0, 0
             save_checkpoint()
     progress.close()
 
@@ -262,7 +272,7 @@ def run(cfg: Config) -> Path:
             "params": count_params(backbone), "macs": count_macs(backbone, splits.image_size),
             "file_mb": (run_dir / "model.pt").stat().st_size / 2**20,
             "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
-            "final_loss": history[-1]["loss"] if history else None, "knn_history": history,
+            "final_loss": history[-1]["loss"] if history else None, "history": history,
         })
         ckpt.write_json(run_dir / "metrics.json", metrics)
         tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

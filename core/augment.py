@@ -378,8 +378,9 @@ def augment_view(
 ) -> Tensor:
     """One BYOL view of a batch, every parameter drawn per sample from `generator`.
 
-    images: uint8 [B, 1 or 3, H, W] on any device (1 channel is repeated to 3); generator on
-    the same device. Returns float32 [B, 3, out_size, out_size] in [0, 1], not normalised.
+    images: uint8 [B, 1 or 3, H, W] on any device (1 channel is repeated to 3; a float input
+    is taken as already in [0, 1]); generator on the same device. Returns float32
+    [B, 3, out_size, out_size] in [0, 1], not normalised.
     """
     n, _, height, width = images.shape
     params = sample_view_params(n, height, width, cfg, blur_p, solarize_p, generator, images.device)

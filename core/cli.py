@@ -17,7 +17,7 @@ def stage_main(stage: str, schema, run: Callable, argv: Optional[List[str]] = No
         return 0 if argv else 2
     path, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
     try:
-        cfg = load_config(schema, path, overrides)
+        cfg = load_config(schema, path, overrides, stage=stage)
         out = run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

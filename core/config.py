@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Type, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from core.augment import AugmentConfig
@@ -128,6 +128,7 @@ class StageConfig:
     run_root: str = "runs"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -154,18 +155,41 @@ def parse_overrides(overrides: List[str]) -> Any:
         raise UserError(f"cannot parse overrides {overrides}: {e.msg if hasattr(e, 'msg') else e}") from None
 
 
-def load_config(schema: Type[T], path: str | Path | None = None, overrides: List[str] = ()) -> T:
-    """defaults(schema) <- YAML file <- overrides, strictly; returns a schema instance."""
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+
+
+def stage_layers(raw: Any, stage: str | None, path: Any = "") -> List[Any]:
+    """A pipeline file (top-level `common:` and `stages:`) gives a stage `common` then its own section.
+
+    So one file describes a whole pipeline and any stage in it still runs alone:
+    `python -m byol configs/quickstart.yaml` reads `common` + `stages.byol`.
+    """
+    if not isinstance(raw, DictConfig) or "stages" not in raw:
+        return [raw]
+    extra = set(raw.keys()) - {"common", "stages"}
+    if extra:
+        raise UserError(f"{path}: a pipeline file has only 'common' and 'stages' at the top; found {sorted(extra)}")
+    if stage is None:
+        raise UserError(f"{path} is a pipeline file; run it with `python -m launch pipeline {path}`")
+    if stage not in raw.stages:
+        raise UserError(f"{path} has no section stages.{stage}; it has: {', '.join(raw.stages.keys())}")
+    return [raw.get("common") or OmegaConf.create({}), raw.stages[stage] or OmegaConf.create({})]
+
+
+def load_config(schema: Type[T], path: str | Path | None = None, overrides: List[str] = (),
+                stage: str | None = None) -> T:
+    """defaults(schema) <- YAML file (or its stage's sections) <- overrides, strictly."""
     base = OmegaConf.structured(schema)
     layers = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as e:  # yaml.YAMLError and friends
-            raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        layers += stage_layers(read_yaml(path), stage, path)
     layers.append(parse_overrides(list(overrides)))
     merged = base
     for layer in layers:

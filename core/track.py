@@ -26,12 +26,12 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        self.id = run_id or wandb.util.generate_id()
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity or None, group=cfg.group or None,
-            tags=list(cfg.tags) or None, name=name, id=self.id, resume="allow", config=config,
+            tags=list(cfg.tags) or None, name=name, id=run_id, resume="allow", config=config,
             dir=str(run_dir), mode=cfg.mode, settings=wandb.Settings(console="off", silent=True),
         )
+        self.id = self.run.id  # wandb's own new id, or run_id when resuming (wandb 0.31 has no util.generate_id)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
-from core.config import EvalConfig, StageConfig, to_dict, to_yaml
+from core.config import StageConfig, to_dict, to_yaml
 from core.errors import UserError
 from core.evaluate import evaluate_backbone
 from core.models import count_macs, count_params
@@ -28,7 +28,6 @@ STAGE = "probe"
 @dataclass
 class Config(StageConfig):
     artifact: str = ""  # the backbone artifact dir to evaluate (byol, distill, prune)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def run(cfg: Config) -> Path:
