@@ -1,0 +1,385 @@
+"""The launcher against a real SLURM cluster (scripts/slurm_up.sh makes one on this machine).
+
+Skipped only when `sbatch` is absent; CI starts the cluster first. Jobs are tiny (synthetic
+16px images, ResNet-18 with the stride-4 stem, 1 CPU each) so the file stays within minutes.
+States are read with `scontrol` and submitit's result files (no sacct here), always with a
+time limit.
+"""
+
+import copy
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from launch import status
+from launch.cli import main
+from launch.wandb_reader import find_runs, read_run
+from tests.conftest import ROOT, TINY_BYOL
+
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs a SLURM cluster (sbatch)")]
+
+SLURM = ["launch.cluster=slurm", "launch.cpus_per_task=1", "launch.mem_gb=3", "launch.timeout_min=20"]
+# 192 training images, batch 32: 6 steps per epoch; 4 epochs leave time to signal a running job.
+TRAIN = [*TINY_BYOL, "train.epochs=4", "eval.probe_epochs=3", *SLURM]
+WAIT_S = 240
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_up():
+    res = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0 or "up" not in res.stdout:
+        pytest.fail(f"the SLURM cluster is not answering (run scripts/slurm_up.sh): {res.stderr.strip()}")
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # jobs run in the submitting directory and import the project from it
+
+
+def submit(args):
+    """`python -m launch ...` in this process; returns the launch's manifest."""
+    root = next(Path(a.split("=", 1)[1]) for a in args if str(a).startswith("run_root="))
+    before = len(status.read_manifests(root))
+    code = main([str(a) for a in args])
+    manifests = status.read_manifests(root)
+    assert code == 0 and len(manifests) == before + 1, f"launch failed with code {code}"
+    return manifests[-1]
+
+
+def wait(manifest, timeout=WAIT_S):
+    ids = [j["job_id"] for j in manifest["jobs"]]
+    states = status.wait_slurm(ids, manifest["folder"], timeout)
+    return [states[i] for i in ids]
+
+
+def log(job, which="stderr"):
+    path = Path(job[which])
+    return path.read_text() if path.is_file() else ""
+
+
+def assert_completed(manifest, states):
+    for job, (state, detail) in zip(manifest["jobs"], states):
+        assert state == "COMPLETED", f"{job['job_id']} {state} {detail}\n{log(job)[-3000:]}"
+
+
+def backbone_weights(run_dir):
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)["backbone"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def pipeline_file(tmp_path):
+    """byol -> probe (the quickstart's other stages have their own tests)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"common": {"name": "tiny"}, "stages": {"byol": {}, "probe": {}}}))
+    return path
+
+
+def test_bad_input_is_refused_before_anything_is_submitted(tmp_path, capsys):
+    root = tmp_path / "runs"
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"stage": "byol", "config": str(ROOT / "configs/quickstart.yaml"),
+                                    "grid": {"train.lr": 0.1}}))
+    cases = [
+        (["submit", "finetune", "configs/quickstart.yaml"], "unknown stage 'finetune'"),
+        (["submit", "probe", f"artifact={tmp_path}/byol/none"], "the input artifact does not exist"),
+        (["sweep", grid], "grid axis 'train.lr' must be a non-empty list"),
+        (["submit", "byol", "configs/quickstart.yaml", "launch.partition=nosuchpart"],
+         "launch.partition=nosuchpart: no such SLURM partition; partitions: debug"),
+        (["pipeline", pipeline_file(tmp_path), "launch.partition=nosuchpart"], "no such SLURM partition"),
+        (["submit", "byol", "configs/quickstart.yaml", "launch.tasks_per_node=64"], "SLURM would refuse this job"),
+        (["pipeline", pipeline_file(tmp_path), "--dry-run", "launch.partition=nosuchpart"], "no such SLURM partition"),
+    ]
+    queue_before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    for args, message in cases:
+        code = main([str(a) for a in [*args, f"run_root={root}", *SLURM]])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not root.exists()  # no manifest, no submitit folder: nothing went to sbatch
+    queue_after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert set(queue_after.split()) <= set(queue_before.split())
+
+
+# ----------------------------------------------------------------------------- one job
+
+
+@pytest.fixture(scope="module")
+def reference_job(tmp_path_factory):
+    """An uninterrupted BYOL job (W&B offline): the reference the requeued runs must equal."""
+    root = tmp_path_factory.mktemp("slurm") / "runs"
+    manifest = submit(["submit", "byol", f"run_root={root}", "name=ref", *TRAIN, "track.mode=offline"])
+    return manifest, wait(manifest)
+
+
+def test_stage_job_writes_its_artifact_and_wandb_run(reference_job):
+    manifest, states = reference_job
+    assert_completed(manifest, states)
+    job = manifest["jobs"][0]
+    run_dir = Path(job["run_dir"])
+    assert {"config.yaml", "checkpoint.pt", "model.pt", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stage"] == "byol" and metrics["steps"] == 24 and 0 <= metrics["probe_top1"] <= 1
+    assert "Job completed successfully" in log(job, "stdout")
+
+    # The W&B offline run, read back with wandb's own protobuf classes, holds what the job logged.
+    [path] = find_runs(run_dir)
+    run = read_run(path)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert run.run_id == state["wandb_id"] and run.name == "byol/ref" and run.project == "byolc"
+    assert run.config["train"]["epochs"] == 4
+    steps = [row["_step"] for row in run.history if "train/loss" in row]
+    assert steps == [10, 20, 24]  # byol logs every 10 steps and at the last one
+    assert all(isinstance(v, float) for v in run.metric("train/loss"))
+    for key in ("knn_top1", "probe_top1", "probe_top5", "params", "macs"):
+        assert run.summary[key] == pytest.approx(metrics[key])
+    assert status.job_state(job, "slurm", manifest["folder"])[0] == "COMPLETED"
+
+
+# ----------------------------------------------------------------------------- requeue
+
+
+def wait_for_checkpoint(run_dir, job, timeout=WAIT_S):
+    """Until the job has saved a mid-training checkpoint (so it is training, not starting)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = Path(run_dir) / "checkpoint.pt"
+        if path.is_file():
+            step = torch.load(path, weights_only=True)["step"]
+            assert step < 24, "the job finished before it could be interrupted; make it longer"
+            return step
+        time.sleep(0.3)
+    pytest.fail(f"no checkpoint after {timeout} s\n{log(job)[-2000:]}")
+
+
+def test_requeue_and_usr2_resume_from_checkpoint_to_identical_weights(reference_job, tmp_path):
+    """`scontrol requeue` (SIGTERM, submitit's checkpoint() not called: the job restarts from its
+    pickle) and `scancel --signal=USR2` (submitit's timeout signal: checkpoint() + requeue) of a
+    running job: both resume from the stage's checkpoint.pt and end bit-identical to the
+    uninterrupted reference job (same config, same node, same thread count)."""
+    ref_manifest, ref_states = reference_job
+    assert_completed(ref_manifest, ref_states)
+    root = tmp_path / "runs"
+    term = submit(["submit", "byol", f"run_root={root}", "name=term", *TRAIN, "train.checkpoint_every_steps=3",
+                   "track.mode=offline"])
+    usr2 = submit(["submit", "byol", f"run_root={root}", "name=usr2", *TRAIN, "train.checkpoint_every_steps=3"])
+    for manifest, command in ((term, ["scontrol", "requeue"]), (usr2, ["scancel", "--signal=USR2"])):
+        job = manifest["jobs"][0]
+        wait_for_checkpoint(job["run_dir"], job)
+        subprocess.run([*command, job["job_id"]], check=True, timeout=30)
+    term_states, usr2_states = wait(term), wait(usr2)
+    assert_completed(term, term_states)
+    assert_completed(usr2, usr2_states)
+
+    reference = backbone_weights(ref_manifest["jobs"][0]["run_dir"])
+    for manifest in (term, usr2):
+        job = manifest["jobs"][0]
+        text = log(job)
+        assert "resumed" in text and "at step" in text, text[-3000:]  # it did restart mid-run
+        got = backbone_weights(job["run_dir"])
+        assert got.keys() == reference.keys()
+        assert all(torch.equal(got[k], reference[k]) for k in reference), f"{job['run_dir']} differs"
+    assert "DUE TO JOB REQUEUE" in log(term["jobs"][0]) + log(term["jobs"][0], "stdout")
+    out = log(usr2["jobs"][0], "stdout") + log(usr2["jobs"][0])
+    assert "Calling checkpoint method" in out and "Requeued job" in out
+
+    # The requeued job continued its W&B run: a second offline folder under the same run id.
+    # (Slurm signals every process of the step, wandb-core included, so the interrupted part may
+    # end before its records were flushed; the run id and what came after the restart are kept.)
+    run_id = torch.load(Path(term["jobs"][0]["run_dir"]) / "checkpoint.pt", weights_only=True)["wandb_id"]
+    paths = find_runs(term["jobs"][0]["run_dir"])
+    assert len(paths) == 2 and all(p.name == f"run-{run_id}.wandb" for p in paths)
+    resumed = read_run(paths[-1])
+    assert resumed.run_id == run_id and resumed.name == "byol/term"
+    assert [r["_step"] for r in resumed.history if "train/loss" in r][-1] == 24
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_runs_in_order_and_a_failed_stage_cancels_its_dependents(tmp_path):
+    good_root, bad_root = tmp_path / "good", tmp_path / "bad"
+    common = [*[o for o in TRAIN if not o.startswith(("model.", "train.", "byol.", "aug."))]]
+    byol_only = [f"stages.byol.{o}" for o in TRAIN if o.startswith(("model.", "train.", "byol.", "aug."))]
+    good = submit(["pipeline", pipeline_file(tmp_path), f"run_root={good_root}", *common, *byol_only,
+                   "stages.byol.train.epochs=1"])
+    # Valid config, but its data folder is missing: byol fails when it runs.
+    bad = submit(["pipeline", pipeline_file(tmp_path), f"run_root={bad_root}", *common, *byol_only,
+                  "data.name=imagefolder", f"data.root={tmp_path}/missing"])
+    byol_job, probe_job = bad["jobs"]
+    assert probe_job["after"] == [byol_job["job_id"]]
+    dependency = subprocess.run(["scontrol", "-o", "show", "job", probe_job["job_id"]], capture_output=True,
+                                text=True).stdout
+    assert f"Dependency=afterok:{byol_job['job_id']}" in dependency
+
+    bad_states = wait(bad, timeout=120)
+    assert bad_states[0][0] == "FAILED", bad_states
+    assert bad_states[1] == ("CANCELLED", "DependencyNeverSatisfied"), bad_states
+    assert not Path(probe_job["run_dir"]).exists() and not Path(probe_job["stdout"]).exists()  # never ran
+
+    good_states = wait(good)
+    assert_completed(good, good_states)
+    byol_dir, probe_dir = (Path(j["run_dir"]) for j in good["jobs"])
+    # probe read byol's finished artifact: it started after byol wrote its last file
+    assert (probe_dir / "config.yaml").stat().st_mtime >= (byol_dir / "metrics.json").stat().st_mtime
+    assert json.loads((probe_dir / "metrics.json").read_text())["source"] == str(byol_dir)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def test_sweep_is_one_job_array_with_per_task_overrides_and_one_wandb_group(reference_job, tmp_path, capsys):
+    manifest, states = reference_job
+    assert_completed(manifest, states)
+    teacher = manifest["jobs"][0]["run_dir"]
+    root = tmp_path / "runs"
+    grid = tmp_path / "probe-lr.yaml"
+    grid.write_text(yaml.safe_dump({
+        "stage": "probe", "config": str(ROOT / "configs/quickstart.yaml"), "seeds": [0, 1],
+        "overrides": [f"artifact={teacher}"],
+        "variants": {"slow": {"eval.probe_lr": 0.01}, "fast": {"eval": {"probe_lr": 0.5}}}}))
+    common = [o for o in TRAIN if not o.startswith(("model.", "train.", "byol.", "aug."))]
+    sweep = submit(["sweep", grid, f"run_root={root}", *common, "track.mode=offline", "launch.array_parallelism=2"])
+    ids = [j["job_id"] for j in sweep["jobs"]]
+    array_id = ids[0].split("_")[0]
+    assert ids == [f"{array_id}_{i}" for i in range(4)]  # one array, four tasks
+    script = (Path(sweep["folder"]) / f"{array_id}_submission.sh").read_text()
+    assert "#SBATCH --array=0-3%2" in script
+    assert_completed(sweep, wait(sweep))
+
+    groups, run_ids = set(), set()
+    for job in sweep["jobs"]:
+        cfg = yaml.safe_load((Path(job["run_dir"]) / "config.yaml").read_text())
+        seed = int(job["name"][-1])
+        assert cfg["name"] == f"probe-lr-{job['variant']}-s{seed}" and cfg["seed"] == seed
+        assert cfg["eval"]["probe_lr"] == {"slow": 0.01, "fast": 0.5}[job["variant"]]
+        [path] = find_runs(job["run_dir"])
+        run = read_run(path)
+        groups.add(run.group)
+        run_ids.add(run.run_id)
+        assert run.config["eval"]["probe_lr"] == cfg["eval"]["probe_lr"]
+    assert groups == {"probe-lr"} and len(run_ids) == 4
+
+    sweep_json = json.loads((root / "sweeps/probe-lr/sweep.json").read_text())
+    assert {r["run_dir"] for r in sweep_json["runs"]} == {j["run_dir"] for j in sweep["jobs"]}
+    assert main(["collect", str(root), "--out", str(tmp_path / "table")]) == 0
+    text = capsys.readouterr().out
+    assert "| probe-lr-slow | probe | resnet18 | 2 |" in text and "| probe-lr-fast | probe | resnet18 | 2 |" in text
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def reference_training(cfg, world_size, chunks):
+    """BYOL's step in one process over the global batch of `world_size` ranks (no DDP).
+
+    Rank r's images and views are exactly those the DDP job's rank r sees (same permutation
+    shard, same per-rank augmentation generator). With `chunks=world_size` each rank's chunk
+    goes through the networks on its own, so every BatchNorm normalises per rank as DDP on CPU
+    does (SyncBatchNorm needs CUDA); the loss is the mean of the per-rank losses, whose gradient
+    is DDP's all-reduced mean. `chunks=1` is the naive reference: BatchNorm over the global batch.
+    """
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    from byol.train import Online, build_optimizer, lr_schedule
+    from core import data as datalib
+    from core import engine
+    from core.augment import two_view_augment
+    from core.models import build_backbone, feature_dim
+
+    splits = datalib.load_splits(cfg.data)
+    train, batch = splits.train, cfg.train.batch_size
+    engine.seed_everything(cfg.seed)
+    backbone = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    dim = feature_dim(backbone)
+    online = Online(backbone, BYOLProjectionHead(dim, cfg.byol.proj_hidden_dim, cfg.byol.proj_dim),
+                    BYOLPredictionHead(cfg.byol.proj_dim, cfg.byol.pred_hidden_dim, cfg.byol.proj_dim))
+    target = copy.deepcopy(nn.Sequential(online.backbone, online.projection))
+    deactivate_requires_grad(target)
+    steps_per_epoch = datalib.steps_per_epoch(len(train), batch, world_size)
+    total = cfg.train.epochs * steps_per_epoch
+    base_lr = cfg.train.lr * batch * world_size / 256
+    optimizer = build_optimizer(cfg.train, online, base_lr)
+    lrs = lr_schedule(cfg.train, base_lr, total, steps_per_epoch)
+    gens = [torch.Generator().manual_seed(cfg.seed * 7919 + r) for r in range(world_size)]
+    criterion = NegativeCosineSimilarity()
+    online.train(), target.train()
+    for step in range(total):
+        epoch, b = divmod(step, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = float(lrs[step])
+        views = []
+        for r in range(world_size):
+            order = datalib.epoch_permutation(len(train), cfg.seed, epoch, r, world_size)
+            images = train.images[order[b * batch:(b + 1) * batch]]
+            views.append(two_view_augment(images, cfg.data.image_size, cfg.aug, gens[r], splits.mean, splits.std))
+        if chunks == 1:
+            views = [(torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views]))]
+        losses = []
+        for v1, v2 in views:
+            p1, _ = online(v1)
+            p2, _ = online(v2)
+            with torch.no_grad():
+                z1, z2 = target(v1), target(v2)
+            losses.append(criterion(p1, z2) + criterion(p2, z1))
+        optimizer.zero_grad()
+        (sum(losses) / len(losses)).backward()
+        optimizer.step()
+        update_momentum(nn.Sequential(online.backbone, online.projection), target,
+                        cosine_schedule(step, total, cfg.byol.momentum_start, cfg.byol.momentum_end))
+    return online, total
+
+
+def test_two_task_ddp_job_matches_one_process_on_the_same_global_batch(tmp_path):
+    """A 2-task DDP job (gloo on CPU, one CPU per task) against `reference_training` in this
+    process with one thread: the online network's parameters agree within float tolerance.
+
+    Compared after 2 steps: this tiny BYOL amplifies float rounding fast (1 vs 2 threads of the
+    same single-process run differ by 1e-7 after 2 steps, 2e-5 after 3 and 6e-4 after 4), so a
+    longer run would test chaos, not DDP. BatchNorm running statistics are not compared: DDP
+    broadcasts rank 0's each forward, so they follow rank 0's shard only. The naive reference
+    (BatchNorm over the global batch) must differ by far more than the tolerance, so the test
+    can tell per-rank BN from global BN, and a rank that trained alone from both.
+    """
+    from byol.train import Config
+    from core.config import load_config
+
+    root = tmp_path / "runs"
+    manifest = submit(["submit", "byol", f"run_root={root}", "name=ddp", *TINY_BYOL, *SLURM,
+                       "data.synthetic_size=80", "train.epochs=1", "train.batch_size=16", "train.warmup_epochs=0",
+                       "eval.probe=false", "launch.tasks_per_node=2", "launch.mem_gb=6"])
+    states = wait(manifest)
+    assert_completed(manifest, states)
+    job = manifest["jobs"][0]
+    run_dir = Path(job["run_dir"])
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    rank1_log = Path(job["stderr"].replace("_0_log", "_1_log")).read_text()
+    assert "byol: done" in log(job) and "byol: done" not in rank1_log  # rank 0 alone wrote and logged
+
+    cfg = load_config(Config, run_dir / "config.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_rank, total = reference_training(cfg, 2, chunks=2)
+        global_bn, _ = reference_training(cfg, 2, chunks=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert total == 2
+
+    def max_diff(module):
+        return max((state["online"][k] - p.detach()).abs().max().item() for k, p in module.named_parameters())
+
+    assert max_diff(per_rank) < 1e-5, max_diff(per_rank)
+    assert max_diff(global_bn) > 1e-4, max_diff(global_bn)
