@@ -9,7 +9,7 @@ from tests.conftest import ROOT, run_cli
 
 
 def test_defaults_file_and_overrides_merge():
-    cfg = load_config(Config, ROOT / "configs/quickstart.yaml", ["train.epochs=3", "run_root=/tmp/x"])
+    cfg = load_config(Config, ROOT / "configs/quickstart.yaml", ["train.epochs=3", "run_root=/tmp/x"], stage="byol")
     assert cfg.train.epochs == 3 and cfg.run_root == "/tmp/x"
     assert cfg.data.name == "digits"  # from the file
     assert cfg.eval.knn_temperature == 0.1  # from the schema defaults
@@ -25,7 +25,7 @@ def test_defaults_file_and_overrides_merge():
 ])
 def test_bad_override_names_the_key(override, expected):
     with pytest.raises(UserError) as e:
-        load_config(Config, ROOT / "configs/quickstart.yaml", [override])
+        load_config(Config, ROOT / "configs/quickstart.yaml", [override], stage="byol")
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -51,3 +51,11 @@ def test_cli_prints_one_line_and_no_traceback():
     assert "Traceback" not in res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("error: unknown key 'train.lrr'")
+
+
+def test_pipeline_file_needs_a_stage_and_gives_it_common_plus_its_section():
+    with pytest.raises(UserError, match="is a pipeline file"):
+        load_config(Config, ROOT / "configs/quickstart.yaml")
+    cfg = load_config(Config, ROOT / "configs/quickstart.yaml", stage="byol")
+    assert cfg.data.name == "digits" and cfg.name == "quickstart"  # from common
+    assert cfg.byol.proj_dim == 128  # from stages.byol

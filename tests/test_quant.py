@@ -1,0 +1,302 @@
+"""The QAT stage: real int8 ops, agreement with fake-quant, a file that runs without the project,
+its size, clear errors before work, exact resume, the freeze schedule.
+
+One stage run (ResNet-18, 16px synthetic images, self-distillation, export on) is shared by the
+module: AOTInductor's compile is most of its time. A full-width ResNet-18 because the size test
+needs real weights: a tiny net's package is mostly code.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core import checkpoint as ckpt
+from core import data as datalib
+from core.augment import eval_view
+from core.config import load_config
+from core.errors import UserError
+from core.evaluate import topk_accuracy
+from core.models import backbone_from_spec, backbone_spec, build_backbone
+from quant import Config, run
+from quant import pt2e
+from quant.train import build_prepared
+
+SIZE = 16
+TINY_DATA = ["data.name=synthetic", "data.synthetic_size=96", f"data.image_size={SIZE}", "data.val_fraction=0.25"]
+TINY_QUANT = TINY_DATA + [  # 72 train / 24 val images
+    "train.epochs=1", "train.batch_size=36", "train.lr=0.02",
+    "latency.warmup=1", "latency.iters=2", "eval.feature_batch_size=64",
+    "engine.device=cpu", "engine.progress=false", "track.mode=disabled",
+]
+
+
+def make_source(path, head=True, width_divisor=1, seed=0):
+    """A backbone artifact like byol's: ResNet-18 (ImageNet stem) + probe head, random weights.
+
+    width_divisor > 1 divides every channel count (a pruned-like spec), for cheap training steps.
+    """
+    torch.manual_seed(seed)
+    spec = backbone_spec(build_backbone("resnet18", cifar_stem=False), "resnet18", False)
+    for name, shape in spec["shapes"].items():
+        shape[0] //= width_divisor
+        if len(shape) == 4 and name != "conv1":
+            shape[1] //= width_divisor
+    backbone = backbone_from_spec(spec).eval()
+    meta = {"stage": "byol", "name": "src", "data": "synthetic", "num_classes": 10, "image_size": SIZE,
+            "parents": []}
+    width = 512 // width_divisor
+    ckpt.save_model(path, backbone, spec, meta, nn.Linear(width, 10) if head else None)
+    return path
+
+
+def quant_config(run_root, source, *overrides):
+    return load_config(Config, None, [*TINY_QUANT, f"run_root={run_root}", f"source={source}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory):
+    return make_source(tmp_path_factory.mktemp("source") / "byol")
+
+
+@pytest.fixture(scope="module")
+def quant_run(source_dir, tmp_path_factory):
+    """The stage, end to end: self-distillation (teacher = source) plus labels, export on."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = quant_config(root, source_dir, f"teacher={source_dir}", "loss.kd=1.0", "loss.ce=0.5")
+    return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def from_checkpoint(quant_run, source_dir):
+    """(fake-quant model, converted int8 model) rebuilt from the run's final checkpoint."""
+    fake_quant = build_prepared(ckpt.load_model(source_dir), SIZE, "x86", torch.device("cpu"))
+    fake_quant.load_state_dict(ckpt.safe_load(quant_run / "checkpoint.pt")["model"], strict=True)
+    pt2e.freeze_observers(fake_quant)
+    pt2e.freeze_bn_stats(fake_quant)
+    return fake_quant, pt2e.convert(copy.deepcopy(fake_quant))  # convert works in place
+
+
+def random_images(n, seed=1):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- int8 model
+
+
+def test_converted_graph_holds_int8_ops_and_folded_bn(from_checkpoint, source_dir):
+    fake_quant, converted = from_checkpoint
+    n_weights = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in ckpt.load_model(source_dir).backbone.modules()) + 1
+    ops = pt2e.quantized_op_counts(converted)
+    assert ops.get("quantized_decomposed.dequantize_per_channel.default") == n_weights  # every conv + the head
+    assert ops.get("quantized_decomposed.quantize_per_tensor.default", 0) >= 10  # activations
+    assert not any("batch_norm" in op for op in ops)  # BN folded into the convs
+    before = pt2e.quantized_op_counts(fake_quant)
+    assert "quantized_decomposed.dequantize_per_channel.default" not in before  # the counter can tell
+
+
+def test_converted_agrees_with_fake_quant(from_checkpoint):
+    fake_quant, converted = from_checkpoint
+    x = random_images(16)
+    with torch.no_grad():
+        a, b = fake_quant(x), converted(x)
+    assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() >= 0.99
+    # Tighter: training saw exactly the int8 weights conversion makes (see the next test).
+    torch.testing.assert_close(b, a, atol=1e-4 * a.abs().max().item(), rtol=0)
+
+
+def quant_dequant_per_channel(fq, w):
+    """What convert_pt2e makes of a weight: its observer's qparams, quantize, dequantize."""
+    scale, zero_point = fq.calculate_qparams()
+    q = torch.ops.quantized_decomposed
+    args = (scale, zero_point, fq.ch_axis, fq.quant_min, fq.quant_max, torch.int8)
+    return q.dequantize_per_channel(q.quantize_per_channel(w, *args), *args)
+
+
+def test_fake_quant_weights_are_what_conversion_makes(from_checkpoint):
+    from torchao.quantization.pt2e import (FusedMovingAvgObsFakeQuantize, MovingAveragePerChannelMinMaxObserver,
+                                           disable_observer)
+
+    fake_quant, _ = from_checkpoint
+    weights = {}  # what each per-channel (weight) fake-quant module sees: BN-scaled conv weights, the head
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: weights.__setitem__(name, args[0].detach()))
+             for name, m in fake_quant.named_modules() if getattr(m, "is_per_channel", False)]
+    with torch.no_grad():
+        fake_quant(random_images(2))
+    for h in hooks:
+        h.remove()
+    assert len(weights) == 21  # 20 convs + the head
+    for name, w in weights.items():
+        fq = fake_quant.get_submodule(name)
+        with torch.no_grad():
+            assert torch.equal(fq(w), quant_dequant_per_channel(fq, w)), name
+    # Broken variant: torchao's default fused fake-quant picks its scales with another formula.
+    fused = FusedMovingAvgObsFakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128,
+                                          quant_max=127, dtype=torch.int8, qscheme=torch.per_channel_symmetric,
+                                          ch_axis=0, eps=2 ** -12)
+    with torch.no_grad():
+        fused(w)
+        fused.apply(disable_observer)
+        assert not torch.equal(fused(w), quant_dequant_per_channel(fused, w))
+
+
+def test_package_runs_int8_kernels(quant_run, source_dir):
+    kernels = pt2e.package_kernel_counts(quant_run / pt2e.PACKAGE_NAME)
+    convs = sum(isinstance(m, nn.Conv2d) for m in ckpt.load_model(source_dir).backbone.modules())
+    int8_convs = sum(n for k, n in kernels.items() if k.startswith("_qconv"))
+    assert int8_convs == convs, kernels  # residual add + ReLU fused into the "binary" qconvs
+    assert kernels.get("_qlinear_pointwise_tensor") == 1, kernels
+    assert not any("convolution" in k for k in kernels), kernels  # no fp32 conv left
+
+
+def test_package_loads_in_a_fresh_process_with_dynamic_batch(quant_run, from_checkpoint, tmp_path):
+    _, converted = from_checkpoint
+    x = random_images(5, seed=2)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        model = torch._inductor.aoti_load_package({str(quant_run / pt2e.PACKAGE_NAME)!r})
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        out = {{"b1": model(x[:1]), "b5": model(x), "meta": model.get_metadata()}}
+        project = sorted(m for m in sys.modules if m.split(".")[0] in ("core", "quant", "byol", "distill", "prune"))
+        assert not project, project
+        torch.save(out, {str(tmp_path / 'out.pt')!r})
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["b1"].shape == (1, 10) and out["b5"].shape == (5, 10)  # not the export's batch of 2
+    with torch.no_grad():
+        ref = converted(x)
+    tol = 1e-3 * ref.abs().max().item()
+    torch.testing.assert_close(out["b5"], ref, atol=tol, rtol=0)
+    torch.testing.assert_close(out["b1"], ref[:1], atol=tol, rtol=0)
+    meta = out["meta"]
+    assert int(meta["num_classes"]) == 10 and int(meta["image_size"]) == SIZE and len(json.loads(meta["mean"])) == 3
+
+
+def test_package_is_under_a_third_of_fp32(quant_run, source_dir):
+    int8, fp32 = (quant_run / pt2e.PACKAGE_NAME).stat().st_size, (source_dir / "model.pt").stat().st_size
+    assert int8 <= 0.3 * fp32, (int8, fp32)
+
+
+def test_metrics_are_the_converted_models(quant_run):
+    m = json.loads((quant_run / "metrics.json").read_text())
+    for key in ("probe_top1", "probe_top5", "fp32_top1", "file_mb", "fp32_file_mb", "latency_ms_cpu_b1",
+                "latency_ms_cpu_b32", "fp32_latency_ms_cpu_b1", "fp32_latency_ms_cpu_b32", "params", "macs",
+                "cka_teacher", "int8_vs_fakequant_cosine"):
+        assert m[key] is not None, key
+    assert m["stage"] == "quant" and m["arch"] == "resnet18" and m["latency_ms_gpu_b256"] is None
+    assert m["int8_vs_fakequant_cosine"] >= 0.99
+    # Independent recomputation: the shipped file on the val split, with the model's own head.
+    cfg = quant_config(quant_run.parent, "unused")
+    splits = datalib.load_splits(cfg.data)
+    package = pt2e.PackagedModel(quant_run / pt2e.PACKAGE_NAME)
+    with torch.no_grad():
+        logits = package(eval_view(splits.val.images, SIZE, splits.mean, splits.std))
+    acc = topk_accuracy(logits, splits.val.labels)
+    assert m["probe_top1"] == pytest.approx(acc[1]) and m["probe_top5"] == pytest.approx(acc[5])
+    # model.pt: the QAT-tuned fp32 weights, an ordinary artifact with lineage.
+    art = ckpt.load_model(quant_run)
+    assert art.head is not None and art.meta["parents"][0].endswith("byol")
+    assert art.meta["int8_package"] == pt2e.PACKAGE_NAME
+
+
+def test_split_relus_makes_resnet50_quantizable():
+    """Bottleneck too: same function, same state_dict keys, one ReLU module per call site, and
+    the x86 quantizer accepts it where it refuses torchvision's own blocks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(build_backbone("resnet50", cifar_stem=False), nn.Linear(2048, 10)).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before, keys = model(x), list(model.state_dict())
+    with pytest.raises(Exception, match="more than one output node"):
+        pt2e.prepare_qat(copy.deepcopy(model), x)
+    pt2e.split_relus(model).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert list(model.state_dict()) == keys
+    calls = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+             for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 1 + 3 * 16 and set(calls.values()) == {1}
+    prepared = pt2e.prepare_qat(model, x)
+    assert sum(isinstance(m, torch.nn.Module) and hasattr(m, "is_per_channel") and m.is_per_channel
+               for m in prepared.modules()) == 53 + 1  # every conv and the head get int8 weights
+
+
+# ----------------------------------------------------------------------------- errors before work
+
+
+def test_non_classifier_source_is_a_clear_error(tmp_path):
+    source = make_source(tmp_path / "nohead", head=False)
+    with pytest.raises(UserError, match="not a classifier"):
+        run(quant_config(tmp_path / "runs", source, "loss.kd=0", "loss.ce=1"))
+    with pytest.raises(UserError, match="no model.pt"):
+        run(quant_config(tmp_path / "runs", tmp_path / "nothing", "loss.kd=0", "loss.ce=1"))
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_unsupported_backend_names_the_supported_ones(tmp_path, source_dir):
+    with pytest.raises(UserError, match="x86"):
+        quant_config(tmp_path, source_dir, "quant.backend=arm")
+    cfg = quant_config(tmp_path / "runs", source_dir, "loss.kd=0", "loss.ce=1")
+    cfg.quant.backend = "qnnpack"  # past the config check, e.g. built in Python: run() still refuses
+    with pytest.raises(UserError, match="supported: x86"):
+        run(cfg)
+    with pytest.raises(UserError, match="teacher"):
+        run(quant_config(tmp_path / "runs", source_dir))  # loss.kd=1 by default, no teacher
+    with pytest.raises(UserError, match="loss.embed=0"):
+        run(quant_config(tmp_path / "runs", source_dir, "loss.ce=1", "loss.kd=0", "loss.embed=1"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_error_is_one_line(tmp_path, source_dir, capsys):
+    from core.cli import stage_main
+    from quant import STAGE
+
+    code = stage_main(STAGE, Config, run, [*TINY_QUANT, f"run_root={tmp_path}", f"source={source_dir}",
+                                            "quant.backend=arm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: bad value for 'quant.backend'")
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_is_exact_and_freezes_follow_the_schedule(tmp_path):
+    source = make_source(tmp_path / "narrow", width_divisor=8)  # cheap steps
+    # 3 epochs of 2 steps; BN frozen from epoch 1 (step index 2), observers from epoch 2 (index 4).
+    common = ["loss.kd=0", "loss.ce=1", "train.epochs=3", "quant.freeze_bn_epoch=1",
+              "quant.freeze_observers_epoch=2", "quant.export=false", "latency.enabled=false"]
+    straight = run(quant_config(tmp_path / "a", source, *common, "train.max_steps=5"))
+    states = {}
+    for stop in (3, 5):  # interrupted in epoch 1 (after the BN freeze), resumed, stopped in epoch 2
+        resumed = run(quant_config(tmp_path / "b", source, *common, f"train.max_steps={stop}"))
+        states[stop] = ckpt.safe_load(resumed / "checkpoint.pt")
+    a = ckpt.safe_load(straight / "checkpoint.pt")
+    assert a["step"] == states[5]["step"] == 5
+    for key, value in a["model"].items():
+        assert torch.equal(value, states[5]["model"][key]), key
+    assert torch.equal(a["torch_rng"], states[5]["torch_rng"])
+
+    bn = "backbone.layer1.0.bn1.running_mean"
+    observers = [k for k in a["model"] if k.endswith("observer_enabled")]
+    initial = ckpt.load_model(source).backbone.state_dict()["layer1.0.bn1.running_mean"]
+    assert not torch.equal(initial, states[3]["model"][bn])  # epoch 0 updated BN
+    assert torch.equal(states[3]["model"][bn], states[5]["model"][bn])  # frozen from index 2 on
+    assert not torch.equal(states[3]["model"]["backbone.conv1.weight"], states[5]["model"]["backbone.conv1.weight"])
+    assert observers and all(states[3]["model"][k].item() == 1 for k in observers)
+    assert all(states[5]["model"][k].item() == 0 for k in observers)
+
