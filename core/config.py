@@ -85,7 +85,8 @@ class EvalConfig:
 class EngineConfig:
     device: str = choice("auto", "auto", "cpu", "cuda")
     precision: str = choice("auto", "auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: str = choice("auto", "auto", "on", "off")  # auto: torch.compile on CUDA only
+    # auto: torch.compile on CUDA only. (Not on/off: YAML reads those as booleans.)
+    compile: str = choice("auto", "auto", "always", "never")
     channels_last: bool = True  # CUDA only
     deterministic: bool = False  # deterministic kernels (CPU runs are bit-exact on resume regardless)
     progress: bool = True  # progress bar with loss, lr and images/s

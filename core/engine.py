@@ -39,7 +39,7 @@ def autocast(cfg: EngineConfig, device: torch.device):
 
 def maybe_compile(fn, cfg: EngineConfig, device: torch.device):
     """torch.compile on CUDA by default; eager on CPU where compile time outweighs the gain."""
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+    if cfg.compile == "always" or (cfg.compile == "auto" and device.type == "cuda"):
         return torch.compile(fn)
     return fn
 
