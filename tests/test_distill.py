@@ -130,7 +130,7 @@ def test_shipped_configs_load():
     recipe = load_config(Config, ROOT / "configs/distill/cifar10_r50_to_r18.yaml")
     assert recipe.teacher == "runs/byol/cifar10-r50" and recipe.model.cifar_stem
     grid = OmegaConf.load(ROOT / "configs/ablations/distill_losses.yaml")
-    assert grid.stage == "distill" and set(grid.grid) == {"embed", "hint", "relation", "kd", "embed_kd", "all"}
+    assert grid.stage == "distill" and set(grid.variants) == {"embed", "hint", "relation", "kd", "embed_kd", "all"}
     on = {}
     for name, overrides in grid.grid.items():
         cfg = load_config(Config, ROOT / grid.config, [f"{k}={v}" for k, v in overrides.items()])
