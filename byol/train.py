@@ -70,6 +70,11 @@ class Online(nn.Module):
         return self.prediction(z), z
 
 
+def view_seed(seed: int, rank: int, step: int) -> int:
+    """The augmentation seed of one step on one rank (resume needs no RNG state)."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
+
+
 def lr_schedule(cfg: TrainConfig, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
     """Linear warmup then cosine to 0, one value per step (precomputed, DINO-style)."""
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
@@ -137,7 +142,10 @@ def run(cfg: Config) -> Path:
     base_lr = cfg.train.lr * batch_size * dist.world_size / 256  # linear scaling rule
     optimizer = build_optimizer(cfg.train, online, base_lr)
     lrs = lr_schedule(cfg.train, base_lr, total_steps, steps_per_epoch)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist.rank)
+    # The views of a step are a pure function of (seed, rank, step): the generator is reseeded
+    # every step, so a resumed or requeued job (any rank of a DDP job) redraws exactly the views
+    # an uninterrupted one would, with no per-rank RNG state to save.
+    aug_gen = torch.Generator(device=device)
 
     # ============ resume ============
     step, wandb_id, history = 0, None, []
@@ -147,7 +155,6 @@ def run(cfg: Config) -> Path:
         online.load_state_dict(state["online"])
         target.load_state_dict(state["target"])
         optimizer.load_state_dict(state["optimizer"])
-        aug_gen.set_state(state["aug_rng"].cpu() if device.type == "cpu" else state["aug_rng"])
         torch.set_rng_state(state["torch_rng"])
         step, wandb_id, history = state["step"], state["wandb_id"], state["history"]
         loss_sum, loss_count = state["epoch_loss"]
@@ -164,7 +171,7 @@ def run(cfg: Config) -> Path:
             return
         ckpt.atomic_save({
             "step": step, "online": online.state_dict(), "target": target.state_dict(),
-            "optimizer": optimizer.state_dict(), "aug_rng": aug_gen.get_state(),
+            "optimizer": optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "wandb_id": tracker.id, "history": history,
             "epoch_loss": [loss_sum, loss_count],
         }, run_dir / "checkpoint.pt")
@@ -194,6 +201,7 @@ def run(cfg: Config) -> Path:
                 momentum = cosine_schedule(step, total_steps, cfg.byol.momentum_start, cfg.byol.momentum_end)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                aug_gen.manual_seed(view_seed(cfg.seed, dist.rank, step))
                 view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, aug_gen,
                                                 splits.mean, splits.std)
                 if device.type == "cuda" and cfg.engine.channels_last:

@@ -292,7 +292,7 @@ def reference_training(cfg, world_size, chunks):
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
-    from byol.train import Online, build_optimizer, lr_schedule
+    from byol.train import Online, build_optimizer, lr_schedule, view_seed
     from core import data as datalib
     from core import engine
     from core.augment import two_view_augment
@@ -312,7 +312,7 @@ def reference_training(cfg, world_size, chunks):
     base_lr = cfg.train.lr * batch * world_size / 256
     optimizer = build_optimizer(cfg.train, online, base_lr)
     lrs = lr_schedule(cfg.train, base_lr, total, steps_per_epoch)
-    gens = [torch.Generator().manual_seed(cfg.seed * 7919 + r) for r in range(world_size)]
+    gens = [torch.Generator() for r in range(world_size)]
     criterion = NegativeCosineSimilarity()
     online.train(), target.train()
     for step in range(total):
@@ -323,6 +323,7 @@ def reference_training(cfg, world_size, chunks):
         for r in range(world_size):
             order = datalib.epoch_permutation(len(train), cfg.seed, epoch, r, world_size)
             images = train.images[order[b * batch:(b + 1) * batch]]
+            gens[r].manual_seed(view_seed(cfg.seed, r, step))
             views.append(two_view_augment(images, cfg.data.image_size, cfg.aug, gens[r], splits.mean, splits.std))
         if chunks == 1:
             views = [(torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views]))]
