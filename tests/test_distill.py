@@ -132,7 +132,7 @@ def test_shipped_configs_load():
     grid = OmegaConf.load(ROOT / "configs/ablations/distill_losses.yaml")
     assert grid.stage == "distill" and set(grid.variants) == {"embed", "hint", "relation", "kd", "embed_kd", "all"}
     on = {}
-    for name, overrides in grid.grid.items():
+    for name, overrides in grid.variants.items():
         cfg = load_config(Config, ROOT / grid.config, [f"{k}={v}" for k, v in overrides.items()])
         on[name] = {k for k in ("embed", "hint", "relation", "kd", "ce") if getattr(cfg.loss, k) > 0}
     assert on == {"embed": {"embed"}, "hint": {"hint"}, "relation": {"relation"}, "kd": {"kd"},
