@@ -30,7 +30,6 @@ from core import data as datalib
 from core import engine
 from core.augment import AugmentConfig, two_view_augment
 from core.config import ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
-from core.errors import UserError
 from core.evaluate import evaluate_backbone
 from core.models import backbone_spec, build_backbone, count_macs, count_params, feature_dim
 from core.track import Progress, Tracker, log_line

@@ -10,7 +10,7 @@ with the head (used as the teacher's classifier by distillation's `kd` loss) and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from core import checkpoint as ckpt
