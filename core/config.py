@@ -166,11 +166,13 @@ def read_yaml(path: str | Path) -> Any:
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
 
 
-def stage_layers(raw: Any, stage: str | None, path: Any = "") -> List[Any]:
+def stage_layers(raw: Any, stage: str | None, path: Any = "", section: str | None = None) -> List[Any]:
     """A pipeline file (top-level `common:` and `stages:`) gives a stage `common` then its own section.
 
     So one file describes a whole pipeline and any stage in it still runs alone:
-    `python -m byol configs/quickstart.yaml` reads `common` + `stages.byol`.
+    `python -m byol configs/quickstart.yaml` reads `common` + `stages.byol`. A pipeline of named
+    steps (`stages.<step>.stage: prune`, launch/pipeline.py) reads `stages.<section>`, minus
+    its `stage:` key, which must name this stage.
     """
     if not isinstance(raw, DictConfig) or "stages" not in raw:
         return [raw]
@@ -179,18 +181,27 @@ def stage_layers(raw: Any, stage: str | None, path: Any = "") -> List[Any]:
         raise UserError(f"{path}: a pipeline file has only 'common' and 'stages' at the top; found {sorted(extra)}")
     if stage is None:
         raise UserError(f"{path} is a pipeline file; run it with `python -m launch pipeline {path}`")
-    if stage not in raw.stages:
-        raise UserError(f"{path} has no section stages.{stage}; it has: {', '.join(raw.stages.keys())}")
-    return [raw.get("common") or OmegaConf.create({}), raw.stages[stage] or OmegaConf.create({})]
+    section = section or stage
+    if section not in raw.stages:
+        raise UserError(f"{path} has no section stages.{section}; it has: {', '.join(raw.stages.keys())}")
+    own = raw.stages[section] or OmegaConf.create({})
+    if isinstance(own, DictConfig) and "stage" in own:
+        if own.stage != stage:
+            raise UserError(f"{path}: stages.{section} is a {own.stage} step, not {stage}; run it with "
+                            f"`python -m launch pipeline {path}`")
+        own = OmegaConf.create({k: v for k, v in OmegaConf.to_container(own).items() if k != "stage"})
+    return [raw.get("common") or OmegaConf.create({}), own]
 
 
 def load_config(schema: Type[T], path: str | Path | None = None, overrides: List[str] = (),
-                stage: str | None = None) -> T:
-    """defaults(schema) <- YAML file (or its stage's sections) <- overrides, strictly."""
+                stage: str | None = None, section: str | None = None) -> T:
+    """defaults(schema) <- YAML file (or its stage's sections) <- overrides, strictly.
+
+    section: the pipeline step to read (`stages.<section>`); default: the stage's own name."""
     base = OmegaConf.structured(schema)
     layers = []
     if path is not None:
-        layers += stage_layers(read_yaml(path), stage, path)
+        layers += stage_layers(read_yaml(path), stage, path, section)
     layers.append(parse_overrides(list(overrides)))
     merged = base
     for layer in layers:

@@ -18,7 +18,8 @@ from launch.submission import launch
 USAGE = """\
 python -m launch submit STAGE CONFIG [key=value ...] [--dry-run]   one stage as one job
 python -m launch pipeline CONFIG [key=value ...] [--dry-run]       byol -> probe -> distill -> prune -> quant
-python -m launch sweep GRID [key=value ...] [--dry-run]            a grid of overrides as one job array
+python -m launch sweep GRID [key=value ...] [--dry-run]            a grid of overrides as one job array,
+                                                                   or a pipeline's steps x seeds
 python -m launch status [--run-root DIR] [--all]                   state and logs of launched jobs
 python -m launch collect [RUN_ROOT | DIR ...] [--out DIR] [--cost macs|latency|size]
 
@@ -69,11 +70,17 @@ def cmd_sweep(a) -> int:
     def record_sweep(record: Path) -> None:
         written.append(write_sweep_json(spec, planned, str(record)))
 
-    manifest = launch("sweep", spec["name"], planned, array=True, stop_on_failure=False, dry_run=a.dry_run,
+    # One stage: one job array. A pipeline sweep: each seed's pipeline, chained (afterok).
+    one_stage = bool(spec["stage"])
+    manifest = launch("sweep", spec["name"], planned, array=one_stage, stop_on_failure=False, dry_run=a.dry_run,
                       extra={"sweep": spec["name"]}, on_record=record_sweep)
     if written:
-        print(f"sweep {spec['name']}: {len(planned)} runs ({len(spec['variants'])} variants x "
+        kind = "variants" if one_stage else "steps"
+        print(f"sweep {spec['name']}: {len(planned)} runs ({len(spec['variants'])} {kind} x "
               f"{len(spec['seeds'])} seeds); manifest {written[0]}")
+    if manifest and manifest["cluster"] != "slurm":
+        print(collect([planned[0].cfg.run_root], out=Path(planned[0].cfg.run_root) / "collect" / spec["name"],
+                      only=[p.run_dir for p in planned]))
     return 1 if _failed(manifest) else 0
 
 

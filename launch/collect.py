@@ -3,7 +3,8 @@
 Reads artifact directories alone (metrics.json + config.yaml; `<run_root>/sweeps/*/sweep.json`
 when there is one) and writes:
 
-    results.md    the runs table and the per-variant table (mean ± std over seeds, n)
+    results.md    the runs table and the per-variant table (mean ± std over seeds, n, and each
+                  variant's top-1 against the best of its cohort, "n.s." within the spread)
     runs.csv      one row per run, raw numbers
     groups.csv    one row per variant: <metric>_mean, <metric>_std, n
     pareto_<cost>.png   probe top-1 against cost (MACs, CPU latency at batch 1, or file size);
@@ -63,7 +64,8 @@ def sweep_index(paths: Sequence[str | Path]) -> Dict[Path, dict]:
             for run in sweep.get("runs", []):
                 index[Path(run["run_dir"]).resolve()] = {
                     "sweep": sweep["sweep"], "variant": run["variant"],
-                    "overrides": " ".join(sweep.get("variants", {}).get(run["variant"], []))}
+                    "overrides": " ".join(sweep.get("variants", {}).get(run["variant"], [])),
+                    "compared": run["variant"] in sweep.get("compare", [])}
     return index
 
 
@@ -82,8 +84,11 @@ def read_run(run_dir: Path, sweeps: Dict[Path, dict]) -> dict:
            "dir": str(run_dir), "seed": config.get("seed")}
     row.update({m: metrics.get(m) for m in METRICS})
     sweep = sweeps.get(run_dir.resolve())
+    # The cohort: groups whose accuracies are compared (collect's "vs best" column).
+    row["cohort"] = stage
     if sweep is not None:
         row["group"], row["overrides"] = f"{sweep['sweep']}-{sweep['variant']}", sweep["overrides"]
+        row["cohort"] = f"{sweep['sweep']}: " + ("compared steps" if sweep["compared"] else stage)
     elif row["seed"] is not None and str(name).endswith(f"-s{row['seed']}"):
         row["group"], row["overrides"] = str(name)[: -len(f"-s{row['seed']}")], ""
     else:
@@ -112,11 +117,38 @@ def group_runs(rows: Sequence[dict]) -> List[dict]:
     out = []
     for (stage, group), members in groups.items():
         g = {"group": group, "stage": stage, "arch": members[0]["arch"], "n": len(members),
-             "overrides": members[0]["overrides"], "runs": [m["run"] for m in members]}
+             "overrides": members[0]["overrides"], "runs": [m["run"] for m in members],
+             "cohort": members[0].get("cohort", stage)}
         for m in METRICS:
             g[f"{m}_mean"], g[f"{m}_std"] = mean_std([r[m] for r in members])
         out.append(g)
+    mark_significance(out)
     return out
+
+
+def mark_significance(groups: Sequence[dict], metric: str = ACCURACY) -> None:
+    """g["vs_best"]: each group's difference in `metric` from the best group of its cohort (a
+    sweep's variants of one stage, or its `compare:` steps), "n.s." (not significant) when
+    smaller than the spread sqrt(std_a^2 + std_b^2) over seeds; one seed has no spread to judge by."""
+    cohorts: Dict[str, List[dict]] = {}
+    for g in groups:
+        g["vs_best"] = ""
+        if g[f"{metric}_mean"] is not None:
+            cohorts.setdefault(g["cohort"], []).append(g)
+    for members in cohorts.values():
+        if len(members) < 2:
+            continue
+        best = max(members, key=lambda g: g[f"{metric}_mean"])
+        for g in members:
+            if g is best:
+                g["vs_best"] = "best"
+                continue
+            diff = g[f"{metric}_mean"] - best[f"{metric}_mean"]
+            if min(g["n"], best["n"]) < 2:
+                g["vs_best"] = f"{diff:+.4f} (1 seed: no spread)"
+                continue
+            spread = math.sqrt(g[f"{metric}_std"] ** 2 + best[f"{metric}_std"] ** 2)
+            g["vs_best"] = f"{diff:+.4f} n.s." if abs(diff) <= spread else f"{diff:+.4f}"
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -149,14 +181,14 @@ def runs_table(rows: Sequence[dict]) -> str:
 
 
 def groups_table(groups: Sequence[dict]) -> str:
-    headers = ["group", "stage", "arch", "n", *METRICS, "overrides"]
+    headers = ["group", "stage", "arch", "n", *METRICS, f"{ACCURACY} vs best", "overrides"]
     body = []
     for g in groups:
         cells = [g["group"], g["stage"], g["arch"], g["n"]]
         for m in METRICS:
             mean, std = g[f"{m}_mean"], g[f"{m}_std"]
             cells.append(fmt(m, mean) if mean is None or g["n"] == 1 else f"{fmt(m, mean)} ± {fmt(m, std)}")
-        cells.append(g["overrides"] or "")
+        cells += [g["vs_best"], g["overrides"] or ""]
         body.append(cells)
     return markdown(headers, body)
 
@@ -224,14 +256,20 @@ def plot_pareto(groups: Sequence[dict], cost: str, path: Path) -> Optional[Path]
 # ----------------------------------------------------------------------------- command
 
 
-def collect(paths: Sequence[str | Path], out: Optional[str | Path] = None, cost: str = "macs") -> str:
-    """Writes results.md, runs.csv, groups.csv and the Pareto plot to `out`; returns the Markdown."""
+def collect(paths: Sequence[str | Path], out: Optional[str | Path] = None, cost: str = "macs",
+            only: Optional[Sequence[str | Path]] = None) -> str:
+    """Writes results.md, runs.csv, groups.csv and the Pareto plot to `out`; returns the Markdown.
+    only: keep just these artifact dirs (a sweep's own runs, found under its run root)."""
     paths = [Path(p) for p in paths] or [Path("runs")]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise UserError(f"collect: no such directory: {', '.join(missing)}")
     sweeps = sweep_index(paths)
-    rows = [read_run(d, sweeps) for d in find_artifacts(paths)]
+    found = find_artifacts(paths)
+    if only is not None:
+        keep = {Path(p).resolve() for p in only}
+        found = [d for d in found if d.resolve() in keep]
+    rows = [read_run(d, sweeps) for d in found]
     if out is None:
         out = paths[0] / "collect" if not (paths[0] / "metrics.json").is_file() else Path("collect")
     out = Path(out)
@@ -246,5 +284,5 @@ def collect(paths: Sequence[str | Path], out: Optional[str | Path] = None, cost:
     (out / "results.md").write_text(markdown_text + "\n")
     write_csv(out / "runs.csv", COLUMNS + ["group", "seed", "dir"], rows)
     write_csv(out / "groups.csv", ["group", "stage", "arch", "n"]
-              + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["overrides"], groups)
+              + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["vs_best", "overrides"], groups)
     return markdown_text

@@ -8,6 +8,7 @@ A grid file (configs/ablations/*.yaml):
                                       # paths are tried from the working dir, then the grid's dir
     seeds: [0, 1, 2]             # optional, default [0]: each seed is one run of each variant
     overrides: [train.epochs=20] # optional: applied to every run
+    compare: [a, b]              # pipeline sweeps only: the steps `collect` ranks against each other
     grid:                        # either a product of axes ...
       byol.momentum_start: [0.99, 0.996]
       train.lr: [0.1, 0.2]
@@ -20,9 +21,17 @@ A grid file (configs/ablations/*.yaml):
 group and `collect` can average the seeds of each variant. The precedence is: config file <
 `overrides:` < command-line overrides < the variant's overrides < seed/name/group.
 The array's Slurm settings (launch.*) are shared by all runs, so they cannot be swept.
+On the command line, `seeds=[0,1,2]` and `config=FILE` replace the grid file's own (a quick
+digits run of a CIFAR-10 study: configs/ablations/order.yaml's header).
 Mistakes (unknown keys, empty axes, a variant whose config does not validate) fail before
 anything is submitted. `<run_root>/sweeps/<name>/sweep.json` records each run's dir,
 variant, seed and overrides.
+
+A study that compares different chains of stages (distill then prune, against prune with no
+teacher, ...) is a pipeline sweep: no `stage:`, `config:` a pipeline file (usually of named
+steps, launch/pipeline.py), and `seeds:`/`overrides:` only. Every seed runs the whole pipeline
+as chained jobs (afterok), its runs named `<sweep>-<step>-s<seed>`; each step is a variant, so
+`collect` gives one row per step, averaged over seeds (configs/ablations/order.yaml).
 """
 
 from __future__ import annotations
@@ -32,16 +41,18 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from core import checkpoint as ckpt
 from core.config import read_yaml
 from core.errors import UserError
 from launch.jobs import STAGES, Planned, check_inputs, resolve
+from launch.pipeline import plan_pipeline
 
-KEYS = {"name", "stage", "config", "seeds", "overrides", "grid", "variants"}
+KEYS = {"name", "stage", "config", "seeds", "overrides", "grid", "variants", "compare"}
 RESERVED = ("seed", "name", "track.group", "run_root")  # set per run by the sweep itself
 SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -107,18 +118,32 @@ def variants_of(spec: dict, path: str) -> Dict[str, List[str]]:
     return out
 
 
-def read_grid(path: str | Path) -> dict:
+SWEEP_KEYS = ("seeds", "config")  # command-line `seeds=[0,1,2]` / `config=FILE` replace the grid file's
+
+
+def split_sweep_overrides(overrides: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
+    """`seeds=[...]` and `config=...` from the command line are the sweep's; the rest go to every run."""
+    sweep, runs = {}, []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in SWEEP_KEYS:
+            sweep[key] = yaml.safe_load(value) if key == "seeds" else value
+        else:
+            runs.append(item)
+    return sweep, runs
+
+
+def read_grid(path: str | Path, replace: Optional[Dict[str, Any]] = None) -> dict:
     raw = read_yaml(path)
     if not isinstance(raw, DictConfig):
         raise UserError(f"{path}: a grid file is a mapping with stage, config, seeds and grid or variants")
-    spec = OmegaConf.to_container(raw, resolve=True)
+    spec = {**OmegaConf.to_container(raw, resolve=True), **(replace or {})}
     unknown = sorted(set(spec) - KEYS)
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; a grid file has: {', '.join(sorted(KEYS))}")
-    for key in ("stage", "config"):
-        if not spec.get(key):
-            raise UserError(f"{path}: missing `{key}:`")
-    if spec["stage"] not in STAGES:
+    if not spec.get("config"):
+        raise UserError(f"{path}: missing `config:`")
+    if spec.get("stage") and spec["stage"] not in STAGES:
         raise UserError(f"{path}: unknown stage {spec['stage']!r}; stages: {', '.join(STAGES)}")
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
@@ -137,14 +162,37 @@ def read_grid(path: str | Path) -> dict:
         config = Path(path).parent / config
     if not config.is_file():
         raise UserError(f"{path}: config file not found: {spec['config']}")
+    if not spec.get("stage"):  # a pipeline sweep: its steps are the variants
+        raw = read_yaml(config)
+        if not isinstance(raw, DictConfig) or "stages" not in raw:
+            raise UserError(f"{path}: missing `stage:` (a one-stage sweep), or `config:` must be a pipeline "
+                            f"file (a pipeline sweep); {config} is neither")
+        if "grid" in spec or "variants" in spec:
+            raise UserError(f"{path}: a pipeline sweep compares the pipeline's steps; `grid:`/`variants:` "
+                            f"need `stage:` (one stage swept)")
+        compare = spec.get("compare", [])
+        if not isinstance(compare, list) or not all(isinstance(c, str) for c in compare):
+            raise UserError(f"{path}: `compare:` must list step names, e.g. [distill_prune, prune_no_teacher]")
+        unknown = [c for c in compare if c not in raw.stages]
+        if unknown:
+            raise UserError(f"{path}: compare: no step(s) {', '.join(unknown)} in {config}; "
+                            f"its steps: {', '.join(raw.stages)}")
+        return {**spec, "stage": "", "name": name, "config": str(config), "seeds": seeds, "overrides": overrides,
+                "variants": {}, "compare": compare}
+    if "compare" in spec:
+        raise UserError(f"{path}: `compare:` lists a pipeline sweep's steps; a one-stage sweep compares "
+                        f"all its variants")
     return {**spec, "name": name, "config": str(config), "seeds": seeds, "overrides": overrides,
             "variants": variants_of(spec, str(path))}
 
 
 def plan_sweep(path: str | Path, cli_overrides: Sequence[str] = ()) -> Tuple[dict, List[Planned]]:
     """Every run of the sweep, resolved and checked; returns (grid spec, jobs)."""
-    spec = read_grid(path)
+    replace, cli_overrides = split_sweep_overrides(cli_overrides)
+    spec = read_grid(path, replace)
     stage, name = spec["stage"], spec["name"]
+    if not stage:
+        return spec, plan_pipeline_sweep(spec, path, cli_overrides)
     planned = []
     for variant, var_overrides in spec["variants"].items():
         for seed in spec["seeds"]:
@@ -156,10 +204,28 @@ def plan_sweep(path: str | Path, cli_overrides: Sequence[str] = ()) -> Tuple[dic
             except UserError as e:
                 raise UserError(f"{path}: variant '{variant}' seed {seed}: {e}") from None
             planned.append(Planned(stage, cfg, overrides=var_overrides + run, variant=variant))
-    launches = {str(p.cfg.launch) for p in planned}
+    launches = {str(p.cfg.launch) for p in planned}  # one array shares them
     if len(launches) > 1:
         raise UserError(f"{path}: the runs of one array must share their launch.* settings")
     return spec, planned
+
+
+def plan_pipeline_sweep(spec: dict, path: str | Path, cli_overrides: Sequence[str]) -> List[Planned]:
+    """The whole pipeline once per seed, chained; fills spec["variants"] with its steps."""
+    planned: List[Planned] = []
+    for seed in spec["seeds"]:
+        run = [f"seed={seed}", f"name={spec['name']}", f"track.group={spec['name']}"]
+        try:
+            _, jobs = plan_pipeline(spec["config"], list(spec["overrides"]) + list(cli_overrides) + run,
+                                    name_suffix=f"-s{seed}")
+        except UserError as e:
+            raise UserError(f"{path}: seed {seed}: {e}") from None
+        offset = len(planned)
+        for job in jobs:
+            job.after = [offset + i for i in job.after]
+            spec["variants"].setdefault(job.variant, [f"stage={job.stage}"])
+        planned += jobs
+    return planned
 
 
 def write_sweep_json(spec: dict, planned: Sequence[Planned], record: str = "") -> Path:
@@ -168,7 +234,7 @@ def write_sweep_json(spec: dict, planned: Sequence[Planned], record: str = "") -
     ckpt.write_json(path, {
         "sweep": spec["name"], "stage": spec["stage"], "config": spec["config"], "seeds": spec["seeds"],
         "created": time.time(), "launch_record": record,
-        "variants": spec["variants"],
+        "variants": spec["variants"], "compare": spec.get("compare", []),
         "runs": [{"name": p.cfg.name, "variant": p.variant, "seed": p.cfg.seed, "run_dir": str(p.run_dir),
                   "overrides": p.overrides} for p in planned],
     })

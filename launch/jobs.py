@@ -32,7 +32,7 @@ from core import checkpoint as ckpt
 from core.config import LaunchConfig, load_config
 from core.errors import UserError
 
-STAGES = ("byol", "probe", "distill", "prune", "quant")  # also the pipeline's order
+STAGES = ("byol", "probe", "distill", "prune", "quant", "finetune")  # also the pipeline's order
 
 
 # ----------------------------------------------------------------------------- stages
@@ -69,11 +69,12 @@ INPUTS: Dict[str, List[Input]] = {
     "byol": [],
     "probe": [Input("artifact", "model.pt", ("byol",), required=True)],
     "distill": [Input("teacher", "model.pt", ("byol",), required=True),
-                Input("teacher_head", "head.pt", ("probe",))],
+                Input("teacher_head", "head.pt", ("probe",)), Input("student_init", "model.pt", ())],
     "prune": [Input("student", "model.pt", ("distill",), required=True),
               Input("teacher", "model.pt", ("byol",)), Input("teacher_head", "head.pt", ("probe",))],
     "quant": [Input("source", "model.pt", ("prune", "distill"), required=True),
               Input("teacher", "model.pt", ("byol",)), Input("teacher_head", "head.pt", ("probe",))],
+    "finetune": [Input("artifact", "model.pt", ("quant", "prune", "distill", "byol"), required=True)],
 }
 
 
@@ -160,9 +161,10 @@ class Planned:
         return f"{self.stage}-{self.cfg.name}"
 
 
-def resolve(stage: str, path: str | Path | None, overrides: Sequence[str] = ()) -> Any:
-    """The stage's config exactly as its job will see it (strict: unknown keys are errors)."""
-    return load_config(load_stage(stage).Config, path, list(overrides), stage=stage)
+def resolve(stage: str, path: str | Path | None, overrides: Sequence[str] = (), section: str | None = None) -> Any:
+    """The stage's config exactly as its job will see it (strict: unknown keys are errors).
+    section: a pipeline file's step (`stages.<section>`), when it is not named after its stage."""
+    return load_config(load_stage(stage).Config, path, list(overrides), stage=stage, section=section)
 
 
 def launch_settings(planned: Sequence[Planned]) -> LaunchConfig:

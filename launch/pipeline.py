@@ -6,12 +6,23 @@ stage's inputs are wired to the artifact dirs of the earlier stages (the table
 `launch.jobs.INPUTS`), whatever the file says: a value in the file (`teacher: runs/byol/r50`)
 is used only when the stage it would come from is not in the pipeline, and then it must exist.
 
-Overrides: `key=value` applies to every stage (like `common:`), `stages.<stage>.key=value` to
-one stage (like its section), e.g. `stages.byol.train.epochs=2 run_root=/scratch/runs`.
+Named steps, for studies that need a stage twice or another order (configs/ablations/order.yaml):
+when any section has a `stage:` key, every section is a step named by its key, the steps run in
+the file's order, each run is named `<name>-<step>`, and nothing is wired automatically: an
+input names an earlier step as `@step` (`student: "@byol18"`), a directory, or "" (none).
+
+    stages:
+      teacher: {stage: byol, model: {arch: resnet50}}
+      byol18:  {stage: byol, model: {arch: resnet18}}
+      pruned:  {stage: prune, student: "@byol18", teacher: "@teacher", recovery: ce}
+
+Overrides: `key=value` applies to every stage (like `common:`), `stages.<step>.key=value` to
+one (like its section), e.g. `stages.byol.train.epochs=2 run_root=/scratch/runs`.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -20,6 +31,8 @@ from omegaconf import DictConfig
 from core.config import read_yaml
 from core.errors import UserError
 from launch.jobs import INPUTS, STAGES, Planned, check_inputs, resolve
+
+SAFE_STEP = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> Tuple[List[str], Dict[str, List[str]]]:
@@ -39,42 +52,86 @@ def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> Tuple[Li
     return common, per_stage
 
 
-def _in_stage(stage: str, fn, *args):
-    """fn(*args), with a UserError naming the pipeline stage it came from."""
+def _in_stage(step: str, fn, *args):
+    """fn(*args), with a UserError naming the pipeline step it came from."""
     try:
         return fn(*args)
     except UserError as e:
-        raise UserError(f"pipeline stage {stage}: {e}") from None
+        raise UserError(f"pipeline stage {step}: {e}") from None
 
 
-def plan_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Tuple[str, List[Planned]]:
-    """Resolve every stage's config (nothing is submitted yet); returns (pipeline name, jobs)."""
+def pipeline_steps(raw: DictConfig, path: str | Path) -> Tuple[List[Tuple[str, str]], bool]:
+    """[(step, stage)] in run order, and whether the file uses named steps."""
+    named = any(isinstance(sec, DictConfig) and "stage" in sec for sec in raw.stages.values())
+    if not named:
+        unknown = [s for s in raw.stages if s not in STAGES]
+        if unknown:
+            raise UserError(f"{path}: unknown stage(s) {', '.join(unknown)} under stages:; stages: "
+                            f"{', '.join(STAGES)} (or named steps, each with a `stage:` key)")
+        return [(s, s) for s in STAGES if s in raw.stages], False
+    steps = []
+    for step, sec in raw.stages.items():
+        stage = sec.get("stage") if isinstance(sec, DictConfig) else None
+        if stage not in STAGES:
+            raise UserError(f"{path}: stages.{step} needs `stage:` (one of {', '.join(STAGES)}) in a pipeline "
+                            f"of named steps; got {stage!r}")
+        if not SAFE_STEP.match(str(step)):
+            raise UserError(f"{path}: step name {step!r} may use only letters, digits and _ -")
+        steps.append((str(step), str(stage)))
+    return steps, True
+
+
+def wire_references(stage: str, step: str, cfg, index: Dict[str, int], planned: List[Planned]) -> Tuple[List[str], List[int]]:
+    """`field: "@step"` -> that earlier step's run dir (and a dependency on it)."""
+    extra, after = [], []
+    for inp in INPUTS[stage]:
+        value = getattr(cfg, inp.field, None)
+        if isinstance(value, str) and value.startswith("@"):
+            ref = value[1:]
+            if ref not in index:
+                raise UserError(f"stages.{step}.{inp.field}={value}: no earlier step named {ref!r} "
+                                f"(steps run in the file's order; earlier: {', '.join(index) or 'none'})")
+            extra.append(f"{inp.field}={planned[index[ref]].run_dir}")
+            after.append(index[ref])
+    return extra, after
+
+
+def plan_pipeline(path: str | Path, overrides: Sequence[str] = (), name_suffix: str = "") -> Tuple[str, List[Planned]]:
+    """Resolve every stage's config (nothing is submitted yet); returns (pipeline name, jobs).
+
+    name_suffix: appended to every run's name (a sweep's `-s<seed>`)."""
     raw = read_yaml(path)
     if not isinstance(raw, DictConfig) or "stages" not in raw or not raw.stages:
         raise UserError(f"{path} is not a pipeline file: it needs `stages:` (and optionally `common:`), "
                         f"like configs/quickstart.yaml; for one stage use `python -m launch submit STAGE {path}`")
-    unknown = [s for s in raw.stages if s not in STAGES]
-    if unknown:
-        raise UserError(f"{path}: unknown stage(s) {', '.join(unknown)} under stages:; stages: {', '.join(STAGES)}")
-    order = [s for s in STAGES if s in raw.stages]
-    common, per_stage = split_overrides(overrides, order)
+    steps, named = pipeline_steps(raw, path)
+    common, per_step = split_overrides(overrides, [step for step, _ in steps])
 
-    first = _in_stage(order[0], resolve, order[0], path, common + per_stage[order[0]])
+    first_step, first_stage = steps[0]
+    first = _in_stage(first_step, resolve, first_stage, path, common + per_step[first_step], first_step)
     name = first.name if first.name != "default" else Path(path).stem
     planned: List[Planned] = []
-    index: Dict[str, int] = {}  # stage -> its position in `planned`
-    for stage in order:
-        base = common + per_stage[stage]
-        cfg = _in_stage(stage, resolve, stage, path, base)
+    index: Dict[str, int] = {}  # step -> its position in `planned`
+    for step, stage in steps:
+        base = common + per_step[step]
+        if named:  # two steps of one stage must not share a run dir
+            base.append(f"name={name}-{step}{name_suffix}")
+        elif name_suffix:
+            base.append(f"name={_in_stage(step, resolve, stage, path, base, step).name}{name_suffix}")
+        cfg = _in_stage(step, resolve, stage, path, base, step)
         extra = [] if cfg.track.group else [f"track.group={name}"]  # W&B: one group per pipeline
-        after = []
-        for inp in INPUTS[stage]:
-            source = next((s for s in inp.sources if s in index), None)
-            if source is not None and hasattr(cfg, inp.field):
-                extra.append(f"{inp.field}={planned[index[source]].run_dir}")
-                after.append(index[source])
-        cfg = _in_stage(stage, resolve, stage, path, base + extra)
-        _in_stage(stage, check_inputs, stage, cfg, [p.run_dir for p in planned])
-        index[stage] = len(planned)
-        planned.append(Planned(stage, cfg, overrides=base + extra, after=sorted(set(after))))
+        if named:
+            wired, after = _in_stage(step, wire_references, stage, step, cfg, index, planned)
+            extra += wired
+        else:
+            after = []
+            for inp in INPUTS[stage]:
+                source = next((s for s in inp.sources if s in index), None)
+                if source is not None and hasattr(cfg, inp.field):
+                    extra.append(f"{inp.field}={planned[index[source]].run_dir}")
+                    after.append(index[source])
+        cfg = _in_stage(step, resolve, stage, path, base + extra, step)
+        _in_stage(step, check_inputs, stage, cfg, [p.run_dir for p in planned])
+        index[step] = len(planned)
+        planned.append(Planned(stage, cfg, overrides=base + extra, after=sorted(set(after)), variant=step))
     return name, planned

@@ -97,6 +97,7 @@ def fake_stages(monkeypatch):
     class Distill(StageConfig):
         teacher: str = ""
         teacher_head: str = ""
+        student_init: str = ""
 
     @dataclass
     class Prune(Distill):
@@ -159,7 +160,7 @@ def test_pipeline_explicit_input_is_kept_and_must_exist(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("stages, overrides, message", [
     ({"byol": {}, "probe": {"bogus": 1}}, [], "pipeline stage probe: unknown key 'bogus'"),
-    ({"byol": {}, "finetune": {}}, [], "unknown stage(s) finetune"),
+    ({"byol": {}, "bogus": {}}, [], "unknown stage(s) bogus"),
     ({"byol": {}}, ["stages.probe.seed=1"], "the pipeline has no stage 'probe'"),
     ({"byol": {}, "probe": {}}, ["train.epochs=2"], "pipeline stage probe: unknown key 'train'"),
 ])
@@ -172,6 +173,71 @@ def test_pipeline_mistakes_fail_before_anything_runs(tmp_path, stages, overrides
     with pytest.raises(UserError) as e:
         plan_pipeline(f, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+NAMED = {  # the shape of configs/ablations/order.yaml
+    "teacher": {"stage": "byol"},
+    "byol18": {"stage": "byol", "model": {"arch": "resnet18"}},
+    "pruned": {"stage": "prune", "student": "@byol18", "teacher": ""},
+    "distilled": {"stage": "distill", "teacher": "@teacher", "student_init": "@pruned"},
+}
+
+
+def test_named_steps_run_in_file_order_wired_by_reference(tmp_path, monkeypatch):
+    fake_stages(monkeypatch)
+    root = tmp_path / "runs"
+    f = write_pipeline(tmp_path / "p.yaml", NAMED)
+    name, planned = plan_pipeline(f, [f"run_root={root}", "stages.byol18.train.epochs=3"])
+    assert name == "p"
+    assert [(p.stage, p.variant, p.cfg.name) for p in planned] == [
+        ("byol", "teacher", "p-teacher"), ("byol", "byol18", "p-byol18"), ("prune", "pruned", "p-pruned"),
+        ("distill", "distilled", "p-distilled")]
+    teacher, byol18, pruned, distilled = planned
+    assert byol18.cfg.train.epochs == 3 and teacher.cfg.train.epochs != 3  # per-step override
+    assert byol18.cfg.model.arch == "resnet18"
+    # Only what the file references is wired: pruned has no teacher, though a byol step exists.
+    assert (pruned.cfg.student, pruned.cfg.teacher, pruned.after) == (str(root / "byol/p-byol18"), "", [1])
+    assert (distilled.cfg.teacher, distilled.cfg.student_init, distilled.after) == (
+        str(root / "byol/p-teacher"), str(root / "prune/p-pruned"), [0, 2])
+    # With a sweep's suffix every run name ends in it.
+    _, planned = plan_pipeline(f, [f"run_root={root}"], name_suffix="-s4")
+    assert [p.cfg.name for p in planned][-1] == "p-distilled-s4" and planned[3].cfg.student_init.endswith("p-pruned-s4")
+
+
+@pytest.mark.parametrize("stages, message", [
+    ({**NAMED, "late": {"stage": "prune", "student": "@later"}, "later": {"stage": "byol"}},
+     "pipeline stage late: stages.late.student=@later: no earlier step named 'later'"),
+    ({"teacher": {"stage": "byol"}, "x": {"student": "@teacher"}}, "stages.x needs `stage:`"),
+    ({"teacher": {"stage": "bogus"}}, "stages.teacher needs `stage:`"),
+    ({"teacher": {"stage": "byol", "train": {"lrr": 1}}}, "pipeline stage teacher: unknown key 'train.lrr'"),
+])
+def test_named_step_mistakes_are_one_line(tmp_path, monkeypatch, stages, message):
+    fake_stages(monkeypatch)
+    f = write_pipeline(tmp_path / "p.yaml", stages)
+    with pytest.raises(UserError) as e:
+        plan_pipeline(f, [f"run_root={tmp_path}/runs"])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pipeline_sweep_runs_every_step_per_seed_chained(tmp_path, monkeypatch):
+    fake_stages(monkeypatch)
+    f = write_pipeline(tmp_path / "p.yaml", NAMED)
+    g = tmp_path / "order.yaml"
+    g.write_text(yaml.safe_dump({"config": str(f), "seeds": [0, 1], "overrides": ["stages.byol18.train.epochs=2"],
+                                 "compare": ["pruned", "distilled"]}))
+    spec, planned = plan_sweep(g, [f"run_root={tmp_path}/runs"])
+    assert spec["stage"] == "" and list(spec["variants"]) == ["teacher", "byol18", "pruned", "distilled"]
+    assert [p.cfg.name for p in planned] == [f"order-{s}-s{seed}" for seed in (0, 1) for s in spec["variants"]]
+    assert [p.cfg.seed for p in planned] == [0] * 4 + [1] * 4
+    assert planned[7].after == [4, 6]  # seed 1's steps wait on seed 1's steps
+    assert planned[7].cfg.student_init.endswith("prune/order-pruned-s1")
+    assert {p.cfg.track.group for p in planned} == {"order"}
+    g.write_text(yaml.safe_dump({"config": str(f), "compare": ["nope"]}))
+    with pytest.raises(UserError, match="compare: no step.s. nope"):
+        plan_sweep(g)
+    g.write_text(yaml.safe_dump({"config": str(f), "grid": {"train.lr": [1]}}))
+    with pytest.raises(UserError, match="a pipeline sweep compares the pipeline's steps"):
+        plan_sweep(g)
 
 
 def write_grid(tmp_path, **spec):
@@ -212,7 +278,8 @@ def test_sweep_expands_grid_and_variants_into_named_runs(tmp_path):
     ({"seeds": [1, 1], "grid": {"train.lr": [0.1]}}, "repeats a seed"),
     ({"variants": {"a b": {}}}, "variant name 'a b'"),
     ({"variants": {"a": "train.lr=1"}}, "variant 'a' must be a dict"),
-    ({"variants": {"a": {}}, "stage": "finetune"}, "unknown stage 'finetune'"),
+    ({"variants": {"a": {}}, "stage": "bogus"}, "unknown stage 'bogus'"),
+    ({"variants": {"a": {}}, "compare": ["a"]}, "`compare:` lists a pipeline sweep's steps"),
     ({"variants": {"a": {}}, "config": "nope.yaml"}, "config file not found: nope.yaml"),
     ({"variants": {"a": {}}, "grids": {}}, "unknown key(s) grids"),
 ])
@@ -227,6 +294,8 @@ def test_malformed_grid_is_a_clear_error(tmp_path, spec, message):
 
 def test_shipped_pipelines_and_example_grid_resolve(no_slurm, capsys):
     for path in sorted((ROOT / "configs/pipelines").glob("*.yaml")):
+        if any("stage" in (sec or {}) for sec in yaml.safe_load(path.read_text())["stages"].values()):
+            continue  # named steps, planned below through their sweeps
         name, planned = plan_pipeline(path)
         assert [p.stage for p in planned] == ["byol", "probe", "distill", "prune", "quant"], path
         assert all(p.cfg.launch.cluster == "slurm" and p.cfg.track.group == name for p in planned)
@@ -234,6 +303,17 @@ def test_shipped_pipelines_and_example_grid_resolve(no_slurm, capsys):
         assert capsys.readouterr().out.count("#SBATCH --dependency=afterok:") == 4
     spec, planned = plan_sweep(ROOT / "configs/ablations/byol_momentum.yaml")
     assert len(planned) == 6 and {p.cfg.byol.momentum_start for p in planned} == {0.99, 0.996}
+    # The multi-stage studies, with their documented digits override (the CIFAR-10 files need
+    # the main pipeline's artifacts to exist first).
+    for study, steps in (("order", 6), ("recovery", 6)):
+        spec, planned = plan_sweep(ROOT / f"configs/ablations/{study}.yaml",
+                                   [f"config={ROOT}/configs/pipelines/{study}_digits.yaml", "seeds=[0,1]"])
+        assert len(planned) == 2 * steps and {p.cfg.data.name for p in planned} == {"digits"}
+        assert main(["sweep", str(ROOT / f"configs/ablations/{study}.yaml"), "--dry-run",
+                     f"config={ROOT}/configs/pipelines/{study}_digits.yaml"]) == 0
+        with pytest.raises(UserError, match="the input artifact does not exist"):
+            plan_sweep(ROOT / f"configs/ablations/{study}.yaml", ["run_root=/nonexistent"])
+    capsys.readouterr()
 
 
 # ----------------------------------------------------------------------------- running locally
@@ -293,7 +373,7 @@ def test_local_executor_runs_a_job_in_a_subprocess(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["submit", "finetune", "x.yaml"], "unknown stage 'finetune'"),
+    (["submit", "bogus", "x.yaml"], "unknown stage 'bogus'"),
     (["submit", "probe", "artifact=/nonexistent/byol/x"], "probe.artifact=/nonexistent/byol/x: the input artifact does not exist"),
     (["submit", "probe"], "probe.artifact is not set"),
     (["submit", "byol", ROOT / "configs/quickstart.yaml", "train.lrr=1"], "unknown key 'train.lrr'"),
@@ -415,6 +495,34 @@ def test_collect_tables_groups_and_pareto_on_planted_metrics(tmp_path):
         assert im.size[0] > 300
     collect_mod.collect([root], out, "latency")
     assert (out / "pareto_latency.png").is_file()
+
+
+def test_collect_marks_differences_within_the_spread_as_not_significant(tmp_path):
+    """A pipeline sweep's compared steps (different stages) form one cohort; the other steps
+    are ranked within their stage. Planted accuracies with known means and spreads."""
+    root = tmp_path / "runs"
+    accs = {("prune", "a"): [0.80, 0.82, 0.84],   # best: mean 0.82, std 0.02
+            ("prune", "b"): [0.79, 0.81, 0.83],   # -0.01, spread sqrt(2) * 0.02: not significant
+            ("distill", "c"): [0.70, 0.71, 0.72],  # -0.11: significant
+            ("distill", "d"): [0.90],              # not compared: its own cohort, alone
+            ("prune", "e"): [0.81]}                # one seed: no spread to judge by
+    runs = []
+    for (stage, step), values in accs.items():
+        for seed, acc in enumerate(values):
+            d = plant(root, stage, f"o-{step}-s{seed}", {"probe_top1": acc}, seed)
+            runs.append({"run_dir": str(d), "variant": step, "seed": seed})
+    sweep = root / "sweeps/o/sweep.json"
+    sweep.parent.mkdir(parents=True)
+    sweep.write_text(json.dumps({"sweep": "o", "variants": {}, "compare": ["a", "b", "c", "e"], "runs": runs}))
+    text = collect_mod.collect([root], tmp_path / "out")
+    groups = {g["group"]: g for g in collect_mod.group_runs(
+        [collect_mod.read_run(d, collect_mod.sweep_index([root])) for d in collect_mod.find_artifacts([root])])}
+    assert groups["o-a"]["vs_best"] == "best"
+    assert groups["o-b"]["vs_best"] == "-0.0100 n.s."
+    assert groups["o-c"]["vs_best"] == "-0.1100"
+    assert groups["o-e"]["vs_best"] == "+0.0000 (1 seed: no spread)".replace("+0.0000", f"{0.81 - 0.82:+.4f}")
+    assert groups["o-d"]["vs_best"] == ""
+    assert "| -0.0100 n.s. |" in text and "| best |" in text
 
 
 def csv_rows(path):
