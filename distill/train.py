@@ -42,7 +42,10 @@ STAGE = "distill"
 class Config(StageConfig):
     teacher: str = ""  # backbone artifact dir, e.g. runs/byol/NAME (the launcher fills it)
     teacher_head: str = ""  # probe artifact dir with head.pt; "" = the head in the teacher's model.pt
-    student_init: str = ""  # "" = random init, or a BYOL artifact dir of the student's architecture
+    student_init: str = ""  # "" = random init, or an artifact dir of the student's arch (BYOL, pruned, ...)
+    # Keep only student_init's architecture (a pruned model's channel widths), with fresh
+    # weights: "distil into the pruned architecture" (configs/ablations/order.yaml).
+    student_reinit: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)  # the student
     train: TrainConfig = field(default_factory=TrainConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
@@ -71,7 +74,10 @@ def build_optimizer(cfg: TrainConfig, params: list, lr: float):
 
 
 def build_student(cfg: Config) -> nn.Module:
-    """Random init, or the backbone of a (BYOL) artifact of the same architecture."""
+    """Random init, or the backbone of an artifact of the same architecture (its weights, or
+    with student_reinit only its channel widths)."""
+    if cfg.student_reinit and not cfg.student_init:
+        raise UserError("student_reinit=true re-initialises student_init's architecture: set student_init=DIR")
     if not cfg.student_init:
         return build_backbone(cfg.model.arch, cfg.model.cifar_stem)
     init = ckpt.load_model(Path(cfg.student_init), "student_init")
@@ -79,7 +85,24 @@ def build_student(cfg: Config) -> nn.Module:
     if (arch, stem) != (cfg.model.arch, cfg.model.cifar_stem):
         raise UserError(f"student_init {cfg.student_init} is a {arch} (cifar_stem={stem}) but the student is "
                         f"model.arch={cfg.model.arch} model.cifar_stem={cfg.model.cifar_stem}")
+    if cfg.student_reinit:
+        reinit_like_torchvision(init.backbone)
     return init.backbone
+
+
+@torch.no_grad()
+def reinit_like_torchvision(backbone: nn.Module) -> None:
+    """torchvision's ResNet initialisation (He normal fan-out convs, BN at 1/0, its default
+    Linear), so a re-initialised pruned student starts as a fresh `build_backbone` one does."""
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+            m.reset_running_stats()
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
 
 
 def check_teacher_data(teacher, splits, cfg: Config) -> None:

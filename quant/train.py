@@ -94,7 +94,7 @@ def default_loss() -> DistillLossConfig:
 @dataclass
 class Config(StageConfig):
     source: str = ""  # backbone artifact with a probe head in model.pt: runs/distill/N, runs/prune/N, ...
-    teacher: str = ""  # backbone artifact for loss.kd, e.g. runs/byol/N
+    teacher: str = ""  # backbone artifact for loss.kd (and CKA in metrics.json), e.g. runs/byol/N
     teacher_head: str = ""  # probe artifact (head.pt); "" = the head in the teacher's model.pt
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=default_train)
@@ -205,7 +205,8 @@ def run(cfg: Config) -> Path:
     # ============ inputs: every config or artifact problem stops here, before any work ============
     check_config(cfg)
     source = load_source(cfg.source)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_head, need_head=True) if cfg.loss.kd > 0 else None
+    # The teacher trains (loss.kd) and/or is measured against (CKA of the tuned backbone).
+    teacher = load_teacher(cfg.teacher, cfg.teacher_head, need_head=cfg.loss.kd > 0) if cfg.teacher else None
 
     # ============ device, seeds ============
     device = engine.resolve_device(cfg.engine)
@@ -227,7 +228,7 @@ def run(cfg: Config) -> Path:
     # ============ networks: fake-quant classifier (PT2E), frozen teacher ============
     prepared = build_prepared(source, size, cfg.quant.backend, device)
     teacher_net = None
-    if teacher is not None:
+    if cfg.loss.kd > 0:
         teacher_net = Classifier(teacher.backbone, teacher.head).to(device).eval()
         teacher_frozen = snapshot(teacher_net)
 
@@ -386,7 +387,7 @@ def run(cfg: Config) -> Path:
             if package:  # the int8 number is the shipped file's; the eager q/dq graph is a simulation
                 metrics[f"latency_ms_cpu_b{batch}"] = measure_latency(int8_model, x, cfg.latency.warmup,
                                                                       cfg.latency.iters)
-    if teacher_net is not None:  # feature agreement of the tuned backbone with the teacher (as distill)
+    if teacher is not None:  # feature agreement of the tuned backbone with the teacher (as distill)
         feats = [extract_features(net.to(device), splits.val.images, splits.mean, splits.std, size, device,
                                   cfg.eval.feature_batch_size, engine.use_bf16(cfg.engine, device))
                  for net in (tuned.backbone, teacher.backbone)]

@@ -234,3 +234,35 @@ def test_distilled_student_beats_random_init_on_shifted_digits(run_root, tmp_pat
     assert m["cka_teacher"] > random_cka + 0.2
     # The teacher's probe head (in its model.pt) scores the same on the same val split.
     assert m["teacher_probe_top1"] == pytest.approx(teacher_metrics["probe_top1"], abs=1e-6)
+
+
+def test_student_init_keeps_a_pruned_architecture_with_or_without_its_weights(run_root, teacher):
+    """student_init of a pruned artifact: its channel widths survive; student_reinit draws
+    fresh weights (torchvision's init) instead of copying them."""
+    from distill.train import build_student
+    from core.models import backbone_from_spec
+
+    torch.manual_seed(1)
+    spec = backbone_spec(build_backbone("resnet18", False), "resnet18", False)
+    for name in ("layer1.0.conv1", "layer1.0.bn1"):
+        spec["shapes"][name][0] = 40  # a narrower block, as pruning leaves it
+    spec["shapes"]["layer1.0.conv2"][1] = 40
+    pruned = backbone_from_spec(spec)
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.normal_()  # weights no fresh init would give (BN scales far from 1)
+    ckpt.save_model(run_root / "prune" / "p", pruned, spec, {"stage": "prune"})
+    init = [f"student_init={run_root / 'prune' / 'p'}"]
+
+    kept = build_student(distill_cfg(run_root, teacher, *init))
+    fresh = build_student(distill_cfg(run_root, teacher, *init, "student_reinit=true"))
+    for student in (kept, fresh):
+        assert student.layer1[0].conv1.weight.shape[0] == 40 and student.layer1[0].conv2.weight.shape[1] == 40
+    assert torch.equal(kept.layer1[0].conv1.weight, pruned.layer1[0].conv1.weight)
+    assert not torch.equal(fresh.layer1[0].conv1.weight, pruned.layer1[0].conv1.weight)
+    assert torch.equal(fresh.layer1[0].bn1.weight, torch.ones(40))
+    # He fan-out normal: std sqrt(2 / (out_channels * k * k)), as torchvision's fresh ResNet.
+    w = fresh.layer2[0].conv1.weight
+    assert w.std().item() == pytest.approx((2 / (w.shape[0] * 9)) ** 0.5, rel=0.1)
+    with pytest.raises(UserError, match="student_reinit=true re-initialises"):
+        build_student(distill_cfg(run_root, teacher, "student_reinit=true"))
