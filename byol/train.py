@@ -1,9 +1,12 @@
 """BYOL pretraining (Grill et al. 2020, arXiv:2006.07733), one loop, top to bottom.
 
 Built from lightly's parts: BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity,
-update_momentum, cosine_schedule, LARS, get_weight_decay_parameters. The data path and the
-augmentation are the project's own (core.data, core.augment): uint8 images on the device,
-both views built there per step with per-sample random parameters.
+cosine_schedule, get_weight_decay_parameters; LARS and the target's EMA update are core.optim's
+foreach versions of lightly's LARS and update_momentum (the same update, no per-parameter loop
+or host sync). The data path and the augmentation are the project's own (core.data,
+core.augment): uint8 images on the device, both views built there per step with per-sample
+random parameters. `build_networks`, `make_views` and `train_step` are the loop's own steps,
+also run by bench/byol_throughput.py.
 
     python -m byol configs/quickstart.yaml name=my-run train.epochs=20
 """
@@ -15,14 +18,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, List
 
 import numpy as np
 import torch
 import torch.nn as nn
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters, update_momentum
-from lightly.utils.lars import LARS
+from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters
 from lightly.utils.scheduler import cosine_schedule
 
 from core import checkpoint as ckpt
@@ -32,9 +35,13 @@ from core.augment import AugmentConfig, two_view_augment
 from core.config import ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
 from core.evaluate import evaluate_backbone
 from core.models import backbone_spec, build_backbone, count_macs, count_params, feature_dim
+from core.optim import LARS, ema_update_
 from core.track import Progress, Tracker, log_line
 
 STAGE = "byol"
+# Steps between reads of the loss (one host sync each: the CPU stops queueing work until the
+# device catches up) and between tracker logs.
+LOG_EVERY = 10
 
 
 @dataclass
@@ -67,6 +74,73 @@ class Online(nn.Module):
     def forward(self, x):
         z = self.projection(self.backbone(x))
         return self.prediction(z), z
+
+
+@dataclass
+class Networks:
+    online: Online  # trained and saved
+    target: nn.Module  # EMA of online's backbone + projection, no gradients
+    online_fwd: Callable  # online as the step calls it: DDP-wrapped and/or compiled
+    target_fwd: Callable
+    target_params: List[torch.Tensor]  # the EMA pairs, listed once
+    online_params: List[torch.Tensor]
+
+
+def build_networks(cfg: Config, device: torch.device, dist: engine.Dist) -> Networks:
+    """Online (backbone, projection, prediction) and target networks, on the device."""
+    backbone = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    dim = feature_dim(backbone)
+    online = Online(backbone,
+                    BYOLProjectionHead(dim, cfg.byol.proj_hidden_dim, cfg.byol.proj_dim),
+                    BYOLPredictionHead(cfg.byol.proj_dim, cfg.byol.pred_hidden_dim, cfg.byol.proj_dim))
+    if dist.world_size > 1 and device.type == "cuda":
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # BN over the global batch
+    online = engine.prepare_module(online, cfg.engine, device)
+    source = nn.Sequential(online.backbone, online.projection)
+    target = copy.deepcopy(source)
+    deactivate_requires_grad(target)
+    online_step = online
+    if dist.world_size > 1:
+        online_step = nn.parallel.DistributedDataParallel(
+            online, device_ids=[device.index] if device.type == "cuda" else None)
+    return Networks(online, target, engine.maybe_compile(online_step, cfg.engine, device),
+                    engine.maybe_compile(target, cfg.engine, device),
+                    list(target.parameters()), list(source.parameters()))
+
+
+def make_views(images: torch.Tensor, cfg: Config, generator: torch.Generator, mean, std,
+               device: torch.device):
+    """BYOL's two augmented views of a uint8 batch, built on its device (core.augment)."""
+    view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, generator, mean, std)
+    if device.type == "cuda" and cfg.engine.channels_last:
+        view1 = view1.contiguous(memory_format=torch.channels_last)
+        view2 = view2.contiguous(memory_format=torch.channels_last)
+    return view1, view2
+
+
+def train_step(nets: Networks, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+               view1: torch.Tensor, view2: torch.Tensor, momentum: float, cfg: Config,
+               device: torch.device) -> torch.Tensor:
+    """Loss, backward, optimizer step, EMA update of the target. Returns the loss on the
+    device: reading it waits for the device, so the caller decides when."""
+    with engine.autocast(cfg.engine, device):
+        # Views go through the networks separately, so each BatchNorm sees one view.
+        p1, z1_online = nets.online_fwd(view1)
+        p2, z2_online = nets.online_fwd(view2)
+        if cfg.byol.stop_gradient:
+            with torch.no_grad():
+                z1, z2 = nets.target_fwd(view1), nets.target_fwd(view2)
+        else:
+            z1, z2 = z1_online, z2_online
+        # Symmetric loss: each view's prediction regresses the other view's target
+        # (paper Eq. 2-3; -cos instead of 2-2cos, the same gradient up to a factor 2).
+        loss = criterion(p1, z2.detach() if cfg.byol.stop_gradient else z2) + \
+            criterion(p2, z1.detach() if cfg.byol.stop_gradient else z1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    ema_update_(nets.target_params, nets.online_params, momentum)
+    return loss.detach()
 
 
 def view_seed(seed: int, rank: int, step: int) -> int:
@@ -119,22 +193,8 @@ def run(cfg: Config) -> Path:
     total_steps = cfg.train.epochs * steps_per_epoch
 
     # ============ networks: online (backbone, projector, predictor), target (EMA) ============
-    backbone = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
-    dim = feature_dim(backbone)
-    online = Online(backbone,
-                    BYOLProjectionHead(dim, cfg.byol.proj_hidden_dim, cfg.byol.proj_dim),
-                    BYOLPredictionHead(cfg.byol.proj_dim, cfg.byol.pred_hidden_dim, cfg.byol.proj_dim))
-    if dist.world_size > 1 and device.type == "cuda":
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)  # BN over the global batch
-    online = engine.prepare_module(online, cfg.engine, device)
-    target = copy.deepcopy(nn.Sequential(online.backbone, online.projection))
-    deactivate_requires_grad(target)
-    online_step = online
-    if dist.world_size > 1:
-        online_step = nn.parallel.DistributedDataParallel(
-            online, device_ids=[device.index] if device.type == "cuda" else None)
-    online_fwd = engine.maybe_compile(online_step, cfg.engine, device)
-    target_fwd = engine.maybe_compile(target, cfg.engine, device)
+    nets = build_networks(cfg, device, dist)
+    online, target = nets.online, nets.target
 
     # ============ loss, optimizer, schedules ============
     criterion = NegativeCosineSimilarity()
@@ -149,6 +209,7 @@ def run(cfg: Config) -> Path:
     # ============ resume ============
     step, wandb_id, history = 0, None, []
     loss_sum, loss_count = 0.0, 0  # running mean of the current epoch's loss
+    pending, last_loss = [], None  # losses (device tensors) of the steps not read yet; the last read
     if (run_dir / "checkpoint.pt").is_file():
         state = ckpt.safe_load(run_dir / "checkpoint.pt")
         online.load_state_dict(state["online"])
@@ -165,7 +226,22 @@ def run(cfg: Config) -> Path:
 
     tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{cfg.name}", to_dict(cfg), wandb_id, enabled=dist.is_main)
 
+    def read_losses():
+        """Read the pending losses in one host sync; stop at once on a non-finite one (DINO-style)."""
+        nonlocal loss_sum, loss_count, last_loss
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise SystemExit(f"byol: loss is {value} at step {step - len(values) + 1 + i}; stopping "
+                                 f"(last good checkpoint: {run_dir / 'checkpoint.pt'})")
+            loss_sum, loss_count = loss_sum + value, loss_count + 1
+        last_loss = values[-1]
+
     def save_checkpoint():
+        read_losses()  # never save weights a non-finite loss has touched
         if not dist.is_main:
             return
         ckpt.atomic_save({
@@ -201,39 +277,16 @@ def run(cfg: Config) -> Path:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 aug_gen.manual_seed(view_seed(cfg.seed, dist.rank, step))
-                view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, aug_gen,
-                                                splits.mean, splits.std)
-                if device.type == "cuda" and cfg.engine.channels_last:
-                    view1 = view1.contiguous(memory_format=torch.channels_last)
-                    view2 = view2.contiguous(memory_format=torch.channels_last)
-                with engine.autocast(cfg.engine, device):
-                    # Views go through the networks separately, so each BatchNorm sees one view.
-                    p1, z1_online = online_fwd(view1)
-                    p2, z2_online = online_fwd(view2)
-                    if cfg.byol.stop_gradient:
-                        with torch.no_grad():
-                            z1, z2 = target_fwd(view1), target_fwd(view2)
-                    else:
-                        z1, z2 = z1_online, z2_online
-                    # Symmetric loss: each view's prediction regresses the other view's target
-                    # (paper Eq. 2-3; -cos instead of 2-2cos, the same gradient up to a factor 2).
-                    loss = criterion(p1, z2.detach() if cfg.byol.stop_gradient else z2) + \
-                        criterion(p2, z1.detach() if cfg.byol.stop_gradient else z1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                update_momentum(nn.Sequential(online.backbone, online.projection), target, momentum)
+                view1, view2 = make_views(images, cfg, aug_gen, splits.mean, splits.std, device)
+                pending.append(train_step(nets, optimizer, criterion, view1, view2, momentum, cfg, device))
                 step += 1
 
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise SystemExit(f"byol: loss is {loss_value} at step {step}; stopping "
-                                     f"(last good checkpoint: {run_dir / 'checkpoint.pt'})")
-                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-                progress.update(len(images) * dist.world_size, loss=loss_value, lr=lr, epoch=epoch)
-                if step % 10 == 0 or step == stop_at:
-                    tracker.log({"train/loss": loss_value, "train/lr": lr, "train/momentum": momentum,
+                if step % LOG_EVERY == 0 or step == stop_at:
+                    read_losses()
+                    tracker.log({"train/loss": last_loss, "train/lr": lr, "train/momentum": momentum,
                                  "train/images_per_s": progress.images_per_s}, step=step)
+                shown = {"loss": last_loss} if last_loss is not None else {}
+                progress.update(len(images) * dist.world_size, **shown, lr=lr, epoch=epoch)
                 if guard.stop_requested:
                     save_checkpoint()
                     tracker.finish()
@@ -242,6 +295,7 @@ def run(cfg: Config) -> Path:
                     save_checkpoint()
                 if step == stop_at:
                     break
+            read_losses()
 
             if step % steps_per_epoch == 0:  # a whole epoch ended here
                 if first == 0:  # a resumed partial epoch would understate the time

@@ -216,6 +216,30 @@ LOADERS = {
 }
 
 
+def check_labels_fraction(fraction: float) -> None:
+    if not 0.0 < fraction <= 1.0:  # also rejects NaN
+        raise UserError(f"bad value for 'labels_fraction': {fraction}; expected 0 < x <= 1 (e.g. 0.01, 0.1, 1.0)")
+
+
+def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices (sorted, int64) of a class-balanced `fraction` of `labels`, a pure function of the seed.
+
+    Each class keeps round(fraction x its size) samples, at least one, drawn without
+    replacement: the semi-supervised protocol of SimCLR (1% / 10% of ImageNet's labels sampled
+    class-balanced, Chen et al. 2020, Sec. 6), which BYOL reports on (Grill et al. 2020, Sec. 4).
+    Its own generator, so the subset neither depends on nor disturbs torch's global RNG.
+    """
+    check_labels_fraction(fraction)
+    labels = torch.as_tensor(labels).cpu()
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique(sorted=True).tolist():  # class order is fixed, so the draws are too
+        members = (labels == c).nonzero().flatten()
+        keep = min(len(members), max(1, int(fraction * len(members) + 0.5)))  # half up, not banker's
+        chosen.append(members[torch.randperm(len(members), generator=g)[:keep]])
+    return torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -267,14 +291,20 @@ class JpegFolder(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from torchvision.io import read_file
-
-        return read_file(str(self.paths[i])), int(self.labels[i]), i
+        # The file's bytes in a tensor of its own. (torchvision's read_file returns a tensor on a
+        # mapping of the file that a worker cannot send: with num_workers > 0 the DataLoader hung
+        # on "Bad file descriptor" in the worker's queue; torchvision 0.29, torch 2.14.)
+        data = Path(self.paths[i]).read_bytes()
+        if not data:
+            return torch.empty(0, dtype=torch.uint8), int(self.labels[i]), i
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.labels[i]), i
 
 
 def _collate_bytes(batch):
+    # One flat tensor per batch: a worker sends one shared-memory block, not one file descriptor
+    # per image (hundreds per batch would run into the open-files limit).
     data, labels, index = zip(*batch)
-    return list(data), torch.tensor(labels), torch.tensor(index)
+    return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(labels), torch.tensor(index)
 
 
 def jpeg_batches(folder: JpegFolder, order: torch.Tensor, batch_size: int, size: int, device,
@@ -285,7 +315,8 @@ def jpeg_batches(folder: JpegFolder, order: torch.Tensor, batch_size: int, size:
     loader = torch.utils.data.DataLoader(
         folder, batch_size=batch_size, sampler=order, num_workers=num_workers,
         collate_fn=_collate_bytes, pin_memory=False, persistent_workers=False, drop_last=True)
-    for data, labels, index in loader:
+    for flat, sizes, labels, index in loader:
+        data = list(flat.split(sizes.tolist()))
         yield decode_jpeg_batch(data, [folder.paths[i] for i in index.tolist()], size, device), labels.to(device)
 
 

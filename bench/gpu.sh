@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Every GPU figure the README cites, reproduced on the device machine, one step per command;
+# each step fits in one 10-minute command. Results go under $OUT (the device's output folder).
+#
+#   bash bench/gpu.sh prepare     HERE (no GPU): .gpu/whl (lightly, omegaconf, antlr4 wheels for
+#                                 Python 3.12) and .gpu/cifar10-train.zip (../shared/data/cifar10/train)
+#   bash bench/gpu.sh STEP        ON THE GPU MACHINE: device `run`, carry [".gpu"], command
+#                                 `bash bench/gpu.sh STEP`; copy what comes back into bench/results/
+#   bash bench/gpu.sh report      anywhere: the README tables from bench/results/*.json
+#
+# Steps on the GPU machine, in this order (each runs `setup` first; setup is idempotent):
+#   setup           wheels into /tmp/site (PYTHONPATH), CIFAR-10 JPEGs into /tmp/data
+#   tests-gpu       the CUDA-only tests of core.augment and core.optim (no host syncs, GPU = CPU)
+#   throughput-r18  a / a_bf16 / b / c and ratios, ResNet-18, batch 512  -> throughput-resnet18.json
+#   throughput-r50  the same for ResNet-50                               -> throughput-resnet50.json
+#   imagefolder224  CIFAR upscaled to 256 px (1,300 per class), a / b / c at 224 px, ResNet-50,
+#                   batch 256, JPEG bytes decoded on the GPU                   -> imagefolder224.json
+#   learn-b         ResNet-18, 50 epochs, the project's pipeline, kNN top-1 on the carved val split
+#   learn-a         the same with the lightly-style pipeline (about 6 min at ~7k img/s)
+#                   -> learn-b.json, learn-a.json; `report` puts both in one table
+# A step whose JSON is already in bench/results/ is skipped (FORCE=1 runs it again). learn-a/-b
+# checkpoint every epoch under /tmp/byol-learn and stop themselves before the 10-minute limit
+# (timeout 560 s): if a step ends with "rerun to continue", call it again at once, while the
+# machine is still warm (it keeps /tmp for 30 s after a call; a fresh machine starts over).
+#
+# Device time: about 25 minutes for all steps (the session budget is 30): run them as few calls
+# as the 10-minute limit allows, e.g. `bash bench/gpu.sh throughput-r18 && bash bench/gpu.sh
+# throughput-r50` in one call is about 8 minutes. Several steps may be named in one command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+RESULTS=${RESULTS:-$REPO/bench/results}
+OUT=${OUT:-$REPO/bench/results}
+SITE=/tmp/site
+DATA_ROOT=/tmp/data
+LEARN_DIR=/tmp/byol-learn
+EPOCHS=${EPOCHS:-50}
+export PYTHONUNBUFFERED=1 WANDB_SILENT=true
+
+usage() { sed -n '2,30p' "$0"; exit "${1:-0}"; }
+
+prepare() {  # here, with network: what the GPU machine cannot fetch
+  mkdir -p .gpu/whl
+  local plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+  for p in lightly==1.6.0 omegaconf==2.3.0; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      "${plat[@]}" -d .gpu/whl "$p"
+  done
+  # omegaconf needs antlr4-python3-runtime 4.9.*, published only as source: build its wheel here.
+  python3 -m pip wheel -q --no-deps -w .gpu/whl "antlr4-python3-runtime==4.9.3"
+  if [ ! -f .gpu/cifar10-train.zip ]; then
+    (cd "$REPO/../shared/data/cifar10" && zip -q -r -0 "$REPO/.gpu/cifar10-train.zip" train)
+  fi
+  ls -la .gpu/whl .gpu/cifar10-train.zip
+  du -sh .gpu
+}
+
+setup() {  # on the GPU machine; idempotent
+  python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
+    || { echo "gpu.sh: no CUDA device here; steps other than prepare/report run on the GPU machine"; exit 2; }
+  if [ ! -d $SITE/lightly ]; then
+    ls .gpu/whl/*.whl >/dev/null 2>&1 || { echo "gpu.sh: no .gpu/whl: run 'bash bench/gpu.sh prepare' here and carry .gpu"; exit 2; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .gpu/whl/*.whl
+  fi
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  if [ -z "$(find $DATA_ROOT -maxdepth 3 -type d -name airplane 2>/dev/null | head -1)" ]; then
+    [ -f .gpu/cifar10-train.zip ] || { echo "gpu.sh: no .gpu/cifar10-train.zip: run 'bash bench/gpu.sh prepare'"; exit 2; }
+    mkdir -p $DATA_ROOT/cifar10
+    python3 -m zipfile -e .gpu/cifar10-train.zip $DATA_ROOT/cifar10
+  fi
+  DATA=$(dirname "$(find $DATA_ROOT -maxdepth 3 -type d -name airplane | head -1)")
+  echo "gpu.sh: data $DATA ($(find "$DATA" -type f | wc -l) images); $(python3 -c 'import torch, lightly; print("torch", torch.__version__, "lightly", lightly.__version__, torch.cuda.get_device_name())')"
+  mkdir -p "$OUT"
+}
+
+done_already() {  # done_already NAME: the result is in bench/results (and FORCE is unset)
+  if [ -z "${FORCE:-}" ] && [ -f "$RESULTS/$1.json" ]; then
+    echo "gpu.sh: $RESULTS/$1.json exists; skipping (FORCE=1 reruns)"
+    return 0
+  fi
+  return 1
+}
+
+bench() { python3 bench/byol_throughput.py --device cuda --workers "$(nproc)" "$@"; }
+
+throughput() {  # throughput ARCH
+  done_already "throughput-$1" && return 0
+  bench --archs "$1" --data "$DATA" --batch-size 512 --steps 100 --warmup 20 \
+    --out "$OUT/throughput-$1.json" 2>&1 | tee "$OUT/throughput-$1.log"
+}
+
+imagefolder224() {
+  done_already imagefolder224 && return 0
+  python3 bench/make_imagenet_shaped.py "$DATA" /tmp/imagenet-shaped --size 256 --per-class 1300
+  bench --imagefolder-224 /tmp/imagenet-shaped --archs resnet50 --pipelines a,b,c --batch-size-224 256 \
+    --steps 30 --warmup 10 --out "$OUT/imagefolder224.json" 2>&1 | tee "$OUT/imagefolder224.log"
+}
+
+learn() {  # learn a|b
+  done_already "learn-$1" && return 0
+  local rc=0
+  timeout --signal=TERM 560 python3 bench/byol_throughput.py --device cuda --workers "$(nproc)" \
+    --data "$DATA" --archs resnet18 --learn-epochs "$EPOCHS" --learn-pipelines "$1" --learn-dir $LEARN_DIR \
+    --out "$OUT/learn-$1.json" 2>&1 | tee "$OUT/learn-$1.log" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "gpu.sh: learn-$1 stopped (exit $rc) with its checkpoint in $LEARN_DIR: rerun to continue"
+    return "$rc"
+  fi
+}
+
+[ $# -ge 1 ] || usage 1
+for step in "$@"; do
+  case "$step" in
+    prepare) prepare ;;
+    report) python3 bench/byol_throughput.py --report "$RESULTS"/*.json ;;
+    setup) setup ;;
+    tests-gpu) setup; python3 -m pytest -q -m gpu tests/test_optim.py tests/test_augment.py 2>&1 | tee "$OUT/tests-gpu.log" ;;
+    throughput-r18) setup; throughput resnet18 ;;
+    throughput-r50) setup; throughput resnet50 ;;
+    imagefolder224) setup; imagefolder224 ;;
+    learn-a) setup; learn a ;;
+    learn-b) setup; learn b ;;
+    -h|--help|help|list) usage 0 ;;
+    *) echo "gpu.sh: unknown step '$step'"; usage 1 ;;
+  esac
+done

@@ -1,0 +1,116 @@
+"""bench/byol_throughput.py and bench/make_imagenet_shaped.py run end to end on the CPU with tiny
+settings and write every number they promise. Timings are never asserted, only that they exist."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+PIPELINES = ("a", "a_bf16", "b", "c")
+# Small heads and 16 px views keep a ResNet-18 step well under a second on one core.
+TINY = ["--device", "cpu", "--archs", "resnet18", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+        "--workers", "1", "--set", "byol.proj_hidden_dim=64", "byol.pred_hidden_dim=64", "byol.proj_dim=32"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """An ImageFolder of 4 classes x 10 random 32 px JPEGs (CIFAR's shape)."""
+    root = tmp_path_factory.mktemp("data") / "train"
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_rows(results: dict, pipelines) -> None:
+    row = results["resnet18"]
+    for p in pipelines:
+        r = row[p]
+        assert positive(r["img_per_s"]) and positive(r["seconds"]), (p, r)
+        assert r["steps"] == 2 and r["warmup"] == 1 and math.isfinite(r["last_loss"]), (p, r)
+    for ratio in ("b_over_a", "b_over_c"):
+        assert positive(row[ratio]), (ratio, row)
+    assert row["targets"] == {"b_over_a": 2.8, "b_over_c": 0.9}
+    assert isinstance(row["meets_targets"], bool)
+
+
+def test_throughput_smoke_writes_every_number(folder, tmp_path):
+    out = tmp_path / "throughput.json"
+    proc = run_cli(["bench/byol_throughput.py", *TINY, "--data", str(folder), "--cache-dir", str(tmp_path / "cache"),
+                    "--set", "data.image_size=16", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    blob = json.loads(out.read_text())
+    assert blob["mode"] == "throughput" and blob["env"]["torch"] and blob["settings"]["batch_size"] == 16
+    check_rows(blob["results"], PIPELINES)
+    row = blob["results"]["resnet18"]
+    assert row["a"]["optimizer"] == "lightly.utils.lars.LARS" and row["b"]["optimizer"] == "core.optim.LARS"
+    assert "| resnet18 | 16 | 16 |" in proc.stdout  # the printed table
+
+    report = run_cli(["bench/byol_throughput.py", "--report", str(out)])
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| resnet18 | 16 | 16 |" in report.stdout
+
+
+def test_imagenet_shaped_folder_and_streamed_jpeg_mode(folder, tmp_path):
+    big = tmp_path / "imagenet-shaped"
+    args = ["bench/make_imagenet_shaped.py", str(folder), str(big), "--size", "40", "--per-class", "6", "--jobs", "1"]
+    made = run_cli(args)
+    assert made.returncode == 0, made.stderr[-3000:]
+    files = sorted(big.glob("*/*.JPEG"))
+    assert len(files) == 24 and {p.parent.name for p in files} == {f"class{c}" for c in range(4)}
+    with Image.open(files[0]) as im:
+        assert im.size == (40, 40) and im.format == "JPEG"
+    again = run_cli(args)  # resumable: nothing left to write
+    assert again.returncode == 0 and "(0 written now)" in again.stdout
+
+    out = tmp_path / "224.json"
+    proc = run_cli(["bench/byol_throughput.py", *TINY, "--imagefolder-224", str(big), "--image-size-224", "32",
+                    "--batch-size-224", "8", "--pipelines", "a,b,c", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    blob = json.loads(out.read_text())
+    assert blob["mode"] == "imagefolder224" and "streamed JPEG" in proc.stderr
+    check_rows(blob["results"], ("a", "b", "c"))
+    assert blob["results"]["resnet18"]["image_size"] == 32 and blob["results"]["resnet18"]["batch_size"] == 8
+
+
+def test_learn_mode_smoke_reports_knn_of_both_pipelines(folder, tmp_path):
+    out = tmp_path / "learn.json"
+    proc = run_cli(["bench/byol_throughput.py", *TINY, "--data", str(folder), "--cache-dir", str(tmp_path / "cache"),
+                    "--set", "data.image_size=16", "eval.knn_k=5", "--learn-epochs", "1",
+                    "--val-fraction", "0.25", "--learn-dir", str(tmp_path / "learn"), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["results"]["resnet18"]
+    for p in ("a", "b"):
+        assert 0.0 <= row[p]["knn_top1"] <= 1.0 and math.isfinite(row[p]["final_loss"]), row
+    assert row["difference_points"] == pytest.approx(100 * (row["b"]["knn_top1"] - row["a"]["knn_top1"]))
+    assert isinstance(row["meets_target"], bool)
+    assert (tmp_path / "learn" / "byol" / "learn-a-resnet18" / "checkpoint.pt").is_file()
+
+
+def test_streamed_jpeg_batches_cross_worker_processes(folder):
+    """The 224 px path: DataLoader workers read the bytes, the main process decodes. Workers must
+    give exactly what in-process reading gives (with torchvision's read_file tensors they hung)."""
+    import torch
+
+    from core import data as datalib
+
+    jpegs = datalib.JpegFolder.scan(folder)
+    order = torch.randperm(len(jpegs), generator=torch.Generator().manual_seed(0))
+    inline = list(datalib.jpeg_batches(jpegs, order, 8, 24, torch.device("cpu"), 0))
+    workers = list(datalib.jpeg_batches(jpegs, order, 8, 24, torch.device("cpu"), 2))
+    assert len(inline) == len(workers) == 5
+    for (a, la), (b, lb) in zip(inline, workers):
+        assert a.shape == (8, 3, 24, 24) and torch.equal(a, b) and torch.equal(la, lb)
