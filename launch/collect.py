@@ -27,7 +27,7 @@ import yaml
 
 from core.errors import UserError
 
-COLUMNS = ["run", "stage", "arch", "probe_top1", "probe_top5", "knn_top1", "params", "macs", "file_mb",
+COLUMNS = ["run", "stage", "arch", "probe_top1", "probe_top5", "knn_top1", "finetune_top1", "params", "macs", "file_mb",
            "latency_ms_cpu_b1", "latency_ms_cpu_b32", "cka_teacher", "seconds_per_epoch"]
 METRICS = COLUMNS[3:]
 ACCURACY = "probe_top1"
@@ -159,7 +159,7 @@ def fmt(metric: str, value) -> str:
         return "–"
     if not isinstance(value, (int, float)):
         return str(value)
-    if metric in ("probe_top1", "probe_top5", "knn_top1", "cka_teacher"):
+    if metric in ("probe_top1", "probe_top5", "knn_top1", "finetune_top1", "cka_teacher"):
         return f"{value:.4f}"
     if metric == "params":
         return f"{value / 1e6:.2f}M"
