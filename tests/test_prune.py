@@ -1,8 +1,11 @@
 """The pruning stage against planted answers: MACs target, planted zero channels, save/load,
-config errors, exact resume. Tiny random ResNet-18 artifacts at 16px (ImageNet stem)."""
+config errors, exact resume, sparsity training (network slimming). Tiny random ResNet-18
+artifacts at 16px (ImageNet stem)."""
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -345,6 +348,131 @@ def test_ce_recovery_without_a_student_head_writes_every_metric(tmp_path):
     assert m["file_mb"] < m["file_mb_before"] and 0.25 <= m["macs_ratio"] <= 0.3
     art = ckpt.load_model(out)
     assert art.head is not None and art.head.in_features == feature_dim(art.backbone) < 512
+    # sparsity training is off by default: no BN-scale report, no plot
+    assert m["sparsity_epochs"] == 0 and "bn_scale_hist_before" not in m and not (out / "bn_scales.png").exists()
+
+
+# ----------------------------------------------------------------------------- sparsity (network slimming)
+
+
+def bn_l1(state: dict) -> float:
+    """sum |gamma| over every BatchNorm2d of a spec + state_dict, counted here from the modules."""
+    backbone = backbone_from_spec(state["spec"])
+    backbone.load_state_dict(state["backbone"])
+    return sum(m.weight.abs().sum().item() for m in backbone.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def bn_abs_scales(state: dict) -> np.ndarray:
+    backbone = backbone_from_spec(state["spec"])
+    backbone.load_state_dict(state["backbone"])
+    return torch.cat([m.weight.detach().abs() for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]).numpy()
+
+
+def slimming_cfg(tmp_path, *extra):
+    """5 sparsity steps (1 epoch: 80 training images, batch 16) then 5 recovery steps, cross-entropy,
+    SGD (momentum 0.9) on a cosine schedule without warmup or frozen steps."""
+    return load_config(Config, overrides=TINY_PRUNE + [
+        f"student={tmp_path / 'student'}", f"run_root={tmp_path / 'runs'}", "recovery=ce",
+        "sparsity.epochs=1", "train.epochs=1", "train.warmup_epochs=0", "adapter_warmup_epochs=0", "train.lr=0.5",
+        "prune.importance=bn_scale", "prune.bn_recalibration_batches=2", "eval.probe=false", *extra])
+
+
+def test_sparsity_shrinks_bn_scales_by_lambda_against_lambda_zero(tmp_path):
+    """Same student, data and seed, 5 sparsity steps with lambda = 0 and lambda = 0.1: the L1 norm
+    of the BN scales ends lower with lambda, by what the penalty's gradient lambda * sign(gamma)
+    predicts through SGD with momentum (all scales start in [0.5, 1.5], so none crosses 0):
+    n_channels * lambda * sum_t lr_t * (1 - m^(t+1)) / (1 - m). Fails if regularize() is not
+    called (equal norms) or lambda is not the one configured (another drop)."""
+    make_artifact(tmp_path / "student", 0)
+    student_l1 = bn_l1(ckpt.safe_load(tmp_path / "student" / "model.pt"))
+    reg, n, m = 0.1, 5, 0.9
+    l1 = {}
+    for lam in (0.0, reg):
+        out = run(slimming_cfg(tmp_path, f"name=lam{lam}", f"sparsity.reg={lam}", "train.max_steps=5"))
+        state = ckpt.safe_load(out / "checkpoint.pt")
+        assert state["step"] == 5 and not state["pruned"] and not (out / "model.pt").exists()  # stopped before pruning
+        l1[lam] = bn_l1(state)
+        assert state["history"][-1]["bn_scale_l1"] == pytest.approx(l1[lam], rel=1e-6)  # the per-epoch log
+    base_lr = 0.5 * 16 / 256
+    lrs = [0.5 * base_lr * (1 + math.cos(math.pi * t / n)) for t in range(n)]
+    predicted = 4800 * reg * sum(lr * (1 - m ** (t + 1)) / (1 - m) for t, lr in enumerate(lrs))  # 4800 BN channels
+    assert abs(l1[0.0] - student_l1) < 0.05 * predicted  # without the penalty the norm barely moves
+    assert l1[0.0] - l1[reg] == pytest.approx(predicted, rel=0.01)
+
+    # Finished: the histograms before/after sparsity training (one set of bins) in metrics.json, and the plot.
+    out = run(slimming_cfg(tmp_path, f"name=lam{reg}", f"sparsity.reg={reg}"))
+    metrics = ckpt.read_metrics(out)
+    assert metrics["bn_scale_l1_before"] == pytest.approx(student_l1, rel=1e-6)
+    assert metrics["bn_scale_l1_after"] == pytest.approx(l1[reg], rel=1e-6)
+    edges = np.array(metrics["bn_scale_hist_edges"])
+    before = bn_abs_scales(ckpt.safe_load(tmp_path / "student" / "model.pt"))
+    assert edges[0] == 0 and edges[-1] == pytest.approx(before.max())  # scales only shrank
+    assert metrics["bn_scale_hist_before"] == np.histogram(before, edges)[0].tolist()
+    assert sum(metrics["bn_scale_hist_after"]) == 4800
+    assert metrics["bn_scale_hist_after"] != metrics["bn_scale_hist_before"]
+    assert metrics["sparsity_epochs"] == 1 and metrics["sparsity_reg"] == reg and metrics["steps"] == 10
+    assert [h["phase"] for h in metrics["knn_history"]] == ["sparsity"]
+    png = (out / "bn_scales.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert 0.45 <= metrics["macs_ratio"] <= 0.5 and feature_dim(ckpt.load_model(out).backbone) < 512
+
+
+def test_resume_inside_sparsity_training_is_exact(tmp_path):
+    """3 sparsity steps (48 training images, distillation with embed + relation + kd: the
+    distiller trains a projector, a queue and a copy of the head; the first step with the
+    backbone frozen), then pruning. Interrupted at step 2 and resumed, the run ends
+    bit-identical to an unbroken one, although the student artifact changed under its path in
+    between: after step 0 the unpruned student comes from checkpoint.pt. (Stopping at the end
+    of sparsity is in the test above, resuming inside recovery in the one before.)"""
+    make_artifact(tmp_path / "student", 0)
+    make_artifact(tmp_path / "teacher", 1)
+    extra = ["data.synthetic_size=60", "sparsity.epochs=1", "sparsity.reg=0.05", "train.epochs=0",
+             "prune.importance=bn_scale", "prune.bn_recalibration_batches=2", "eval.probe_epochs=2"]
+    full = run(stage_cfg(tmp_path, "name=full", *extra))
+    part = run(stage_cfg(tmp_path, "name=part", "train.max_steps=2", *extra))
+    state = ckpt.safe_load(part / "checkpoint.pt")
+    assert state["step"] == 2 and not state["pruned"] and not (part / "model.pt").exists()
+    assert state["spec"]["shapes"]["layer4.1.bn2"] == [512] and "distiller" in state  # unpruned, mid-phase
+    make_artifact(tmp_path / "student", 8)
+    assert run(stage_cfg(tmp_path, "name=part", *extra)) == part
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    a, b = ckpt.safe_load(full / "model.pt"), ckpt.safe_load(part / "model.pt")
+    assert a["spec"] == b["spec"] and same(a["backbone"], b["backbone"]) and same(a["head"], b["head"])
+    ma, mb = ckpt.read_metrics(full), ckpt.read_metrics(part)
+    for key in ("macs", "pruning_ratio", "knn_top1", "probe_top1", "cka_teacher", "bn_scale_l1_before",
+                "bn_scale_l1_after", "bn_scale_hist_after", "knn_history"):
+        assert ma[key] == mb[key], key
+    assert ma["bn_scale_l1_after"] < ma["bn_scale_l1_before"] and ma["steps"] == 3
+
+
+@pytest.mark.parametrize("override,match", [
+    ("sparsity.reg=-0.0001", r"sparsity.reg.*>= 0"),
+    ("sparsity.reg=nan", r"sparsity.reg.*>= 0"),
+    ("sparsity.epochs=-1", r"sparsity.epochs.*>= 0"),
+    ("sparsity.lambda=0.1", r"unknown key 'sparsity.lambda'.*valid keys under sparsity: epochs, reg"),
+    ("sparsity.epochs=1", r"sparsity.epochs=1 <= adapter_warmup_epochs=1.0: the backbone would stay frozen"),
+])
+def test_bad_sparsity_config_is_one_line_error_before_work(tmp_path, override, match):
+    make_artifact(tmp_path / "student", 0)
+    with pytest.raises(UserError, match=match) as info:
+        run(load_config(Config, overrides=TINY_PRUNE + [f"student={tmp_path / 'student'}", "recovery=ce",
+                                                         f"run_root={tmp_path / 'runs'}", "adapter_warmup_epochs=1",
+                                                         override]))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+def test_sparsity_with_distillation_needs_a_teacher_even_without_recovery(tmp_path):
+    make_artifact(tmp_path / "student", 0)
+    cfg = load_config(Config, overrides=TINY_PRUNE + [f"student={tmp_path / 'student'}",
+                                                      f"run_root={tmp_path / 'runs'}", "train.epochs=0",
+                                                      "sparsity.epochs=1"])
+    with pytest.raises(UserError, match="needs teacher"):
+        run(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------- latency
