@@ -32,6 +32,7 @@ same architecture and preparing it again gives the same graph, and the state loa
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import tempfile
@@ -141,6 +142,40 @@ def make_quantizer(backend: str):
     if backend not in QUANTIZERS:
         raise UserError(f"unsupported quant.backend {backend!r}; supported: {', '.join(QUANTIZERS)}")
     return QUANTIZERS[backend]()
+
+
+def _head_linear(prepared: torch.fx.GraphModule) -> torch.fx.Node:
+    """The classifier head's linear node: the graph's last aten.linear."""
+    linears = [n for n in prepared.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
+    if not linears:
+        raise ValueError("the prepared graph has no linear layer (no classifier head)")
+    return linears[-1]
+
+
+def feature_extractor(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of the prepared graph that returns the head's input: the pooled features exactly as
+    the int8 model computes them (fake-quantised), for fitting a linear probe on them."""
+    features = copy.deepcopy(prepared)
+    linear = _head_linear(features)
+    output = next(n for n in features.graph.nodes if n.op == "output")
+    output.args = ((linear.args[0],),)
+    features.graph.eliminate_dead_code()
+    features.recompile()
+    return features
+
+
+@torch.no_grad()
+def replace_head(prepared: torch.fx.GraphModule, head: nn.Linear) -> None:
+    """New head weights in the prepared graph, and its weight fake-quant's ranges recomputed from
+    them (a frozen observer would keep the old weights' scales)."""
+    linear = _head_linear(prepared)
+    weight_fq = prepared.get_submodule(linear.args[1].target)
+    prepared.get_parameter("head.weight").copy_(head.weight)
+    prepared.get_parameter("head.bias").copy_(head.bias)
+    weight_fq.activation_post_process.reset_min_max_vals()
+    weight_fq.enable_observer()
+    weight_fq(prepared.get_parameter("head.weight"))  # observes, then sets scale/zero_point
+    weight_fq.disable_observer()
 
 
 def batch_dim() -> torch.export.Dim:

@@ -80,6 +80,7 @@ def from_checkpoint(quant_run, source_dir):
     fake_quant.load_state_dict(ckpt.safe_load(quant_run / "checkpoint.pt")["model"], strict=True)
     pt2e.freeze_observers(fake_quant)
     pt2e.freeze_bn_stats(fake_quant)
+    pt2e.replace_head(fake_quant, ckpt.load_model(quant_run).head)  # the probe refitted after QAT
     return fake_quant, pt2e.convert(copy.deepcopy(fake_quant))  # convert works in place
 
 
@@ -207,6 +208,28 @@ def test_metrics_are_the_converted_models(quant_run):
     art = ckpt.load_model(quant_run)
     assert art.head is not None and art.meta["parents"][0].endswith("byol")
     assert art.meta["int8_package"] == pt2e.PACKAGE_NAME
+
+
+def test_refitted_head_is_a_probe_on_the_int8_models_own_features(from_checkpoint, quant_run):
+    m = json.loads((quant_run / "metrics.json").read_text())
+    assert m["head"] == "refit" and m["qat_head_top1"] is not None
+    fake_quant, _ = from_checkpoint
+    head = ckpt.load_model(quant_run).head
+    features = pt2e.feature_extractor(fake_quant)
+    x = random_images(8)
+    with torch.no_grad():
+        f = features(x)
+        assert f.shape == (8, 512)
+        # The graph's logits are the head on exactly these features (up to its int8 weights).
+        out, ref = fake_quant(x), F.linear(f, head.weight, head.bias)
+        assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item() >= 0.999
+        # replace_head recomputes the head's weight scales: a head 10x larger gives 10x the
+        # logits; with the old (frozen) scales its weights would clip at the old range.
+        big = nn.Linear(512, 10)
+        big.weight.copy_(head.weight * 10), big.bias.copy_(head.bias * 10)
+        scaled = copy.deepcopy(fake_quant)
+        pt2e.replace_head(scaled, big)
+        torch.testing.assert_close(scaled(x), out * 10, atol=1e-3 * out.abs().max().item() * 10, rtol=0)
 
 
 def test_split_relus_makes_resnet50_quantizable():
