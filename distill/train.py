@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from lightly.utils.lars import LARS
 from lightly.utils.scheduler import cosine_warmup_schedule
 
 from core import checkpoint as ckpt
@@ -34,6 +33,7 @@ from core.evaluate import assert_unchanged, evaluate_backbone, extract_features,
 from core.latency import LatencyConfig, latency_metrics
 from core.models import backbone_spec, build_backbone, count_macs, count_params
 from core.track import Progress, Tracker, log_line
+from core.optim import LARS  # lightly's LARS update, foreach (no per-parameter loop or sync)
 
 STAGE = "distill"
 

@@ -54,7 +54,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightly.utils.lars import LARS
 
 from core import checkpoint as ckpt
 from core import data as datalib
@@ -65,6 +64,7 @@ from core.errors import UserError
 from core.evaluate import evaluate_backbone, extract_features, probe_accuracy, topk_accuracy, train_linear_probe
 from core.models import Classifier, count_macs, count_params, feature_dim
 from core.track import Progress, Tracker, log_line
+from core.optim import LARS  # lightly's LARS update, foreach (no per-parameter loop or sync)
 
 STAGE = "finetune"
 

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightly.utils.lars import LARS
 from lightly.utils.scheduler import cosine_warmup_schedule
 
 from core import checkpoint as ckpt
@@ -55,6 +54,7 @@ from core.evaluate import (assert_unchanged, extract_features, linear_cka, snaps
 from core.latency import LatencyConfig, measure_latency
 from core.models import Classifier, backbone_from_spec, count_macs, count_params, feature_dim
 from core.track import Progress, Tracker, log_line
+from core.optim import LARS  # lightly's LARS update, foreach (no per-parameter loop or sync)
 from quant import pt2e
 
 STAGE = "quant"

@@ -90,7 +90,7 @@ def test_bad_input_is_refused_before_anything_is_submitted(tmp_path, capsys):
     grid.write_text(yaml.safe_dump({"stage": "byol", "config": str(ROOT / "configs/quickstart.yaml"),
                                     "grid": {"train.lr": 0.1}}))
     cases = [
-        (["submit", "finetune", "configs/quickstart.yaml"], "unknown stage 'finetune'"),
+        (["submit", "bogus", "configs/quickstart.yaml"], "unknown stage 'bogus'"),
         (["submit", "probe", f"artifact={tmp_path}/byol/none"], "the input artifact does not exist"),
         (["sweep", grid], "grid axis 'train.lr' must be a non-empty list"),
         (["submit", "byol", "configs/quickstart.yaml", "launch.partition=nosuchpart"],
