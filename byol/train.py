@@ -35,7 +35,7 @@ from core.augment import AugmentConfig, two_view_augment
 from core.config import ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
 from core.evaluate import evaluate_backbone
 from core.models import backbone_spec, build_backbone, count_macs, count_params, feature_dim
-from core.optim import LARS, ema_update_
+from core.optim import LARS, ema_update_, lr_schedule
 from core.track import Progress, Tracker, log_line
 
 STAGE = "byol"
@@ -146,15 +146,6 @@ def train_step(nets: Networks, optimizer: torch.optim.Optimizer, criterion: nn.M
 def view_seed(seed: int, rank: int, step: int) -> int:
     """The augmentation seed of one step on one rank (resume needs no RNG state)."""
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
-
-
-def lr_schedule(cfg: TrainConfig, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
-    """Linear warmup then cosine to 0, one value per step (precomputed, DINO-style)."""
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    ramp = np.linspace(0.0, base_lr, warmup, endpoint=False)
-    steps = np.arange(total_steps - warmup)
-    cosine = 0.5 * base_lr * (1 + np.cos(np.pi * steps / max(1, len(steps))))
-    return np.concatenate([ramp, cosine])
 
 
 def build_optimizer(cfg: TrainConfig, online: nn.Module, lr: float):

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-__all__ = ["LARS", "ema_update_"]
+__all__ = ["LARS", "ema_update_", "lr_schedule"]
 
 
 class LARS(Optimizer):
@@ -127,3 +128,13 @@ def ema_update_(target_params: Sequence[Tensor], online_params: Sequence[Tensor]
     """
     torch._foreach_mul_(target_params, momentum)
     torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+
+
+def lr_schedule(cfg, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
+    """Linear warmup (from 0) over cfg.warmup_epochs, then cosine towards 0, one value per step
+    (precomputed, DINO-style); cfg is a TrainConfig. The byol, prune and finetune loops use it;
+    distill and quant use lightly's cosine_warmup_schedule (slightly different end points)."""
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    ramp = np.linspace(0.0, base_lr, warmup, endpoint=False)
+    steps = np.arange(total_steps - warmup)
+    return np.concatenate([ramp, 0.5 * base_lr * (1 + np.cos(np.pi * steps / max(1, len(steps))))])

@@ -64,7 +64,7 @@ from core.errors import UserError
 from core.evaluate import evaluate_backbone, extract_features, probe_accuracy, topk_accuracy, train_linear_probe
 from core.models import Classifier, count_macs, count_params, feature_dim
 from core.track import Progress, Tracker, log_line
-from core.optim import LARS  # lightly's LARS update, foreach (no per-parameter loop or sync)
+from core.optim import LARS, lr_schedule  # lightly's LARS update, foreach (no per-parameter loop or sync)
 
 STAGE = "finetune"
 
@@ -156,14 +156,6 @@ def labels_digest(index: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def lr_schedule(cfg: TrainConfig, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
-    """Linear warmup then cosine to 0, one value per step (precomputed, DINO-style)."""
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    ramp = np.linspace(0.0, base_lr, warmup, endpoint=False)
-    steps = np.arange(total_steps - warmup)
-    return np.concatenate([ramp, 0.5 * base_lr * (1 + np.cos(np.pi * steps / max(1, len(steps))))])
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float):

@@ -69,7 +69,7 @@ from core.evaluate import (assert_unchanged, evaluate_backbone, extract_features
 from core.latency import LatencyConfig, latency_metrics
 from core.models import Classifier, backbone_from_spec, backbone_spec, count_macs, count_params
 from core.track import Progress, Tracker, log_line
-from core.optim import LARS  # lightly's LARS update, foreach (no per-parameter loop or sync)
+from core.optim import LARS, lr_schedule  # lightly's LARS update, foreach (no per-parameter loop or sync)
 
 STAGE = "prune"
 
@@ -382,14 +382,6 @@ def plot_bn_scales(report: dict, path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def lr_schedule(cfg: TrainConfig, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
-    """Linear warmup then cosine to 0, one value per step (precomputed, DINO-style)."""
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    ramp = np.linspace(0.0, base_lr, warmup, endpoint=False)
-    steps = np.arange(total_steps - warmup)
-    return np.concatenate([ramp, 0.5 * base_lr * (1 + np.cos(np.pi * steps / max(1, len(steps))))])
 
 
 def build_optimizer(cfg: TrainConfig, params: List[nn.Parameter], lr: float):
