@@ -32,6 +32,13 @@ Other modes (one per call):
                          validation split carved by --split-seed, then kNN top-1 on that split
                          (core.evaluate, the same features code for both). Resumable: b is
                          byol.train.run (checkpoint.pt), a checkpoints every epoch.
+  --augment              the two-view augmentation alone, views/s: core.augment (hand-written,
+                         batched; eager and torch.compile'd) against kornia.augmentation with the
+                         same definition (per-sample parameters, BYOL's fixed jitter order), at
+                         32 px from the decoded data and at 224 px from 256 px uint8 batches; plus
+                         the per-channel mean/std of both implementations' views of the same
+                         images, which must agree (same distribution). DESIGN.md asks for the
+                         comparison: the faster one is the project's (README, "Augmentation").
   --report FILE...       reads JSON files written by the modes above; prints the Markdown table.
 The data is an ImageFolder (`--data`, default ../shared/data/cifar10/train beside the repo);
 throughput runs use all of it for training (nothing carved).
@@ -68,7 +75,8 @@ from byol.train import (  # noqa: E402
 from core import checkpoint as ckpt  # noqa: E402
 from core import data as datalib  # noqa: E402
 from core import engine  # noqa: E402
-from core.augment import AugmentConfig  # noqa: E402
+from core.augment import (AugmentConfig, apply_view, blur_kernel_size, normalize,  # noqa: E402
+                          sample_view_params, two_view_augment)
 from core.config import load_config  # noqa: E402
 
 PIPELINES = ("a", "a_bf16", "b", "c")
@@ -357,6 +365,155 @@ def throughput(args, device, archs, recipe_of, extra, pipelines) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- augmentation alone
+
+AUGMENTS = ("project", "project_compiled", "kornia")
+AUG_LABELS = {"project": "core.augment eager", "project_compiled": "core.augment compiled",
+              "kornia": "kornia.augmentation"}
+
+
+def kornia_two_views(aug: AugmentConfig, size: int, mean, std, device):
+    """BYOL's two views with kornia.augmentation, op by op core.augment's definition: per-sample
+    parameters, jitter in BYOL's fixed order, torchvision's factors (ColorJitter, not Jiggle)."""
+    import kornia.augmentation as K
+
+    def view(blur_p: float, solarize_p: float):
+        ops = [K.RandomResizedCrop((size, size), scale=(aug.crop_scale_min, aug.crop_scale_max),
+                                   ratio=(aug.crop_ratio_min, aug.crop_ratio_max),
+                                   cropping_mode="resample"),  # one batched warp ("slice" loops)
+               K.RandomHorizontalFlip(p=aug.flip_p),
+               K.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue, p=aug.jitter_p,
+                             order=(0, 1, 2, 3)),
+               K.RandomGrayscale(p=aug.grayscale_p)]
+        if blur_p > 0:
+            ops.append(K.RandomGaussianBlur(blur_kernel_size(size, aug), (aug.blur_sigma_min, aug.blur_sigma_max),
+                                            p=blur_p))
+        if solarize_p > 0:  # threshold exactly 0.5, nothing added: torchvision's solarize(x, 0.5)
+            ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p))
+        ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
+        return K.AugmentationSequential(*ops).to(device)
+
+    view1, view2 = view(aug.blur_p1, aug.solarize_p1), view(aug.blur_p2, aug.solarize_p2)
+
+    def views(images):
+        x = images.float() / 255.0
+        return view1(x), view2(x)
+
+    return views
+
+
+def project_two_views(aug: AugmentConfig, size: int, mean, std, device, compiled: bool, seed: int = 0):
+    """core.augment's two views (what byol/train.py runs); `compiled`: apply_view through
+    torch.compile (the random draws stay eager: they are two torch.rand calls per view)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if not compiled:
+        return lambda images: two_view_augment(images, size, aug, gen, mean, std)
+    apply = torch.compile(apply_view, dynamic=False)
+
+    def views(images):
+        n, _, height, width = images.shape
+        out = []
+        for blur_p, solarize_p in ((aug.blur_p1, aug.solarize_p1), (aug.blur_p2, aug.solarize_p2)):
+            params = sample_view_params(n, height, width, aug, blur_p, solarize_p, gen, device)
+            out.append(normalize(apply(images, params, size, aug, blur_p, solarize_p), mean, std))
+        return tuple(out)
+
+    return views
+
+
+def make_augment(name: str, aug: AugmentConfig, size: int, mean, std, device):
+    if name == "kornia":
+        return kornia_two_views(aug, size, mean, std, device)
+    return project_two_views(aug, size, mean, std, device, compiled=name == "project_compiled")
+
+
+def view_statistics(views, images: torch.Tensor, rounds: int, batch_size: int) -> dict:
+    """Per-channel mean and std of each view's (normalised) pixels, and the mean per-image std
+    (sensitive to crop scale, blur and grayscale), over `rounds` passes of `images`."""
+    totals = {v: torch.zeros(3, 3, dtype=torch.float64) for v in ("view1", "view2")}  # sum, sum sq, image std
+    n_images, n_pixels = 0, 0
+    with torch.no_grad():
+        for _ in range(rounds):
+            for chunk in images.split(batch_size):
+                for name, x in zip(("view1", "view2"), views(chunk)):
+                    x = x.double().cpu()
+                    totals[name][0] += x.sum(dim=(0, 2, 3))
+                    totals[name][1] += (x * x).sum(dim=(0, 2, 3))
+                    totals[name][2] += x.flatten(2).std(dim=2).sum(dim=0)
+                n_images += len(chunk)
+                n_pixels += len(chunk) * x.shape[2] * x.shape[3]
+    out = {"images": n_images}
+    for name, t in totals.items():
+        mean = t[0] / n_pixels
+        out[name] = {"mean": mean.tolist(), "std": (t[1] / n_pixels - mean * mean).sqrt().tolist(),
+                     "image_std": (t[2] / n_images).tolist()}
+    return out
+
+
+def augment_only(args, device, names) -> dict:
+    """views/s of each augmentation at 32 px (the decoded data) and 224 px (256 px uint8
+    batches: the data upscaled), and the view statistics of each at 32 px."""
+    cfg = stage_config(args, "resnet18", cifar_recipe("resnet18"),
+                       ["data.in_memory=true", "data.val_fraction=0.0", f"train.batch_size={args.batch_size}"])
+    splits = datalib.load_splits(cfg.data)
+    images = splits.train.images.to(device)
+    log(f"data: {len(images)} images from {cfg.data.root}")
+    results = {}
+    for size, source_size, batch_size in ((cfg.data.image_size, None, args.batch_size),
+                                          (args.image_size_224, 256, args.batch_size_224)):
+        row = {"image_size": size, "batch_size": batch_size, "source_size": source_size or images.shape[-1]}
+        for name in names:
+            torch.manual_seed(0)  # kornia draws from the global generator
+            views = make_augment(name, cfg.aug, size, splits.mean, splits.std, device)
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+
+            def batches():
+                for start in itertools.cycle(range(0, len(images) - batch_size + 1, batch_size)):
+                    batch = images[order[start:start + batch_size].to(device)]
+                    if source_size:
+                        batch = torch.nn.functional.interpolate(batch.float(), size=source_size, mode="bilinear",
+                                                                antialias=False).round().clamp(0, 255).byte()
+                    yield batch
+
+            def step(i, batch):
+                v1, v2 = views(batch)
+                return v1.view(-1)[0] + v2.view(-1)[0]  # no reduction: the timing is the views'
+
+            if len(images) < batch_size:
+                raise SystemExit(f"--augment: {len(images)} images < batch size {batch_size}")
+            log(f"augment {AUG_LABELS[name]} at {size} px ...")
+            row[name] = measure(batches(), step, args.steps, args.warmup, batch_size, device)
+            log(f"augment {AUG_LABELS[name]} at {size} px: {row[name]['img_per_s']:,.0f} images/s (two views each)")
+            if source_size is None:
+                torch.manual_seed(0)
+                views = make_augment(name, cfg.aug, size, splits.mean, splits.std, device)
+                row[name]["stats"] = view_statistics(views, images[order[:args.stats_images].to(device)],
+                                                     args.stats_rounds, batch_size)
+        if "project" in row and "kornia" in row:
+            row["kornia_over_project"] = row["kornia"]["img_per_s"] / row["project"]["img_per_s"]
+            row["stats_max_abs_diff"] = max_stat_difference(row["project"].get("stats"), row["kornia"].get("stats"))
+        results[f"{size}px"] = row
+    return results
+
+
+def max_stat_difference(a, b):
+    """Largest |difference| between two view_statistics results (normalised pixel units)."""
+    if not a or not b:
+        return None
+    return max(abs(x - y) for view in ("view1", "view2") for key in ("mean", "std", "image_std")
+               for x, y in zip(a[view][key], b[view][key]))
+
+
+def print_augment(results: dict) -> None:
+    print("\nTwo-view augmentation alone, images/s (two views each)\n")
+    print("| px | batch | " + " | ".join(AUG_LABELS[n] for n in AUGMENTS) + " | kornia / eager | max |stat diff| |")
+    print("|---|---|" + "---|" * len(AUGMENTS) + "---|---|")
+    for row in results.values():
+        cells = [fmt(row.get(n, {}).get("img_per_s")) for n in AUGMENTS]
+        print(f"| {row['image_size']} | {row['batch_size']} | " + " | ".join(cells)
+              + f" | {fmt(row.get('kornia_over_project'), '{:.2f}')} | {fmt(row.get('stats_max_abs_diff'), '{:.3f}')} |")
+
+
 # ----------------------------------------------------------------------------- learning
 
 
@@ -486,7 +643,7 @@ def print_learn(results: dict) -> None:
 
 def report(files) -> dict:
     """Merge JSON files of the modes above (rows of one mode and arch: the last file wins)."""
-    merged = {"throughput": {}, "imagefolder224": {}, "learn": {}}
+    merged = {"throughput": {}, "imagefolder224": {}, "learn": {}, "augment": {}}
     env = None
     for f in files:
         blob = json.loads(Path(f).read_text())
@@ -502,6 +659,8 @@ def report(files) -> dict:
         print_table(merged["throughput"], "BYOL training images/s, CIFAR-10 (32 px)")
     if merged["imagefolder224"]:
         print_table(merged["imagefolder224"], "BYOL training images/s, ImageFolder at 224 px")
+    if merged["augment"]:
+        print_augment(merged["augment"])
     if merged["learn"]:
         for arch in list(merged["learn"]):
             row = merged["learn"][arch]
@@ -551,6 +710,10 @@ def parse_args(argv=None):
     parser.add_argument("--learn-dir", default="/tmp/byol-learn")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--augment", action="store_true", help="time the two-view augmentation alone")
+    parser.add_argument("--augments", default=",".join(AUGMENTS), help="subset of " + ",".join(AUGMENTS))
+    parser.add_argument("--stats-images", type=int, default=2048, help="--augment: images for the view statistics")
+    parser.add_argument("--stats-rounds", type=int, default=4, help="--augment: passes over them")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="print the table of these results")
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
@@ -579,6 +742,10 @@ def main(argv=None) -> dict:
         pipelines = args.learn_pipelines.split(",")
         blob["results"] = {arch: learn(args, device, arch, pipelines) for arch in archs}
         print_learn(blob["results"])
+    elif args.augment:
+        blob["mode"] = "augment"
+        blob["results"] = augment_only(args, device, [a for a in args.augments.split(",") if a])
+        print_augment(blob["results"])
     elif args.imagefolder_224:
         blob["mode"] = "imagefolder224"
         args.data = args.imagefolder_224.resolve()

@@ -2,7 +2,7 @@
 # Every GPU figure the README cites, reproduced on the device machine, one step per command;
 # each step fits in one 10-minute command. Results go under $OUT (the device's output folder).
 #
-#   bash bench/gpu.sh prepare     HERE (no GPU): .gpu/whl (lightly, omegaconf, antlr4 wheels for
+#   bash bench/gpu.sh prepare     HERE (no GPU): .gpu/whl (lightly, omegaconf, antlr4, kornia wheels for
 #                                 Python 3.12) and .gpu/cifar10-train.zip (../shared/data/cifar10/train)
 #   bash bench/gpu.sh STEP        ON THE GPU MACHINE: device `run`, carry [".gpu"], command
 #                                 `bash bench/gpu.sh STEP`; copy what comes back into bench/results/
@@ -13,6 +13,8 @@
 #   tests-gpu       the CUDA-only tests of core.augment and core.optim (no host syncs, GPU = CPU)
 #   throughput-r18  a / a_bf16 / b / c and ratios, ResNet-18, batch 512  -> throughput-resnet18.json
 #   throughput-r50  the same for ResNet-50                               -> throughput-resnet50.json
+#   augment         the two-view augmentation alone: core.augment eager / compiled against
+#                   kornia.augmentation, 32 px (batch 512) and 224 px (batch 256)  -> augment.json
 #   imagefolder224  CIFAR upscaled to 256 px (1,300 per class), a / b / c at 224 px, ResNet-50,
 #                   batch 256, JPEG bytes decoded on the GPU                   -> imagefolder224.json
 #   learn-b         ResNet-18, 50 epochs, the project's pipeline, kNN top-1 on the carved val split
@@ -42,7 +44,7 @@ usage() { sed -n '2,30p' "$0"; exit "${1:-0}"; }
 prepare() {  # here, with network: what the GPU machine cannot fetch
   mkdir -p .gpu/whl
   local plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-  for p in lightly==1.6.0 omegaconf==2.3.0; do
+  for p in lightly==1.6.0 omegaconf==2.3.0 kornia==0.9.0 kornia-rs==0.2.0; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       "${plat[@]}" -d .gpu/whl "$p"
   done
@@ -96,6 +98,12 @@ imagefolder224() {
     --steps 30 --warmup 10 --out "$OUT/imagefolder224.json" 2>&1 | tee "$OUT/imagefolder224.log"
 }
 
+augment() {
+  done_already augment && return 0
+  bench --augment --data "$DATA" --batch-size 512 --batch-size-224 256 --steps 100 --warmup 20 \
+    --out "$OUT/augment.json" 2>&1 | tee "$OUT/augment.log"
+}
+
 learn() {  # learn a|b
   done_already "learn-$1" && return 0
   local rc=0
@@ -117,6 +125,7 @@ for step in "$@"; do
     tests-gpu) setup; python3 -m pytest -q -m gpu tests/test_optim.py tests/test_augment.py 2>&1 | tee "$OUT/tests-gpu.log" ;;
     throughput-r18) setup; throughput resnet18 ;;
     throughput-r50) setup; throughput resnet50 ;;
+    augment) setup; augment ;;
     imagefolder224) setup; imagefolder224 ;;
     learn-a) setup; learn a ;;
     learn-b) setup; learn b ;;
