@@ -8,8 +8,8 @@ LARS, BYOL heads, the project's CIFAR augmentation), images/s of a full BYOL ste
   a_bf16  the same with bf16 autocast and channels_last
   b       the project's pipeline: byol/train.py's build_networks / make_views / train_step on
           uint8 images resident on the device (core.data), both views built there per step
-          (core.augment), bf16 autocast, channels_last, torch.compile (auto: CUDA only),
-          foreach LARS and EMA (core.optim)
+          (core.augment), bf16 autocast, channels_last, torch.compile of the model step and
+          of the views' arithmetic (auto: CUDA only), foreach LARS and EMA (core.optim)
   c       b's model step on synthetic views already on the device: no data, no augmentation
 
 and the ratios b/a, b/a_bf16 and b/c. Every pipeline reads its loss every 10 steps as
@@ -75,8 +75,7 @@ from byol.train import (  # noqa: E402
 from core import checkpoint as ckpt  # noqa: E402
 from core import data as datalib  # noqa: E402
 from core import engine  # noqa: E402
-from core.augment import (AugmentConfig, apply_view, blur_kernel_size, normalize,  # noqa: E402
-                          sample_view_params, two_view_augment)
+from core.augment import AugmentConfig, apply_view, blur_kernel_size, two_view_augment  # noqa: E402
 from core.config import load_config  # noqa: E402
 
 PIPELINES = ("a", "a_bf16", "b", "c")
@@ -297,7 +296,7 @@ def run_project(cfg: Config, device, splits, nets, optimizer, steps: int, warmup
 
     def views_of(i, batch):
         aug_gen.manual_seed(view_seed(cfg.seed, 0, i))
-        return make_views(batch[0], cfg, aug_gen, splits.mean, splits.std, device)
+        return make_views(batch[0], cfg, aug_gen, splits.mean, splits.std, device, nets.augment)
 
     step = make_step(cfg, device, nets, optimizer, base_lr(cfg), views_of, warmup + steps)
     result = measure(forever(epoch_batches), step, steps, warmup, batch_size, device)
@@ -403,22 +402,11 @@ def kornia_two_views(aug: AugmentConfig, size: int, mean, std, device):
 
 
 def project_two_views(aug: AugmentConfig, size: int, mean, std, device, compiled: bool, seed: int = 0):
-    """core.augment's two views (what byol/train.py runs); `compiled`: apply_view through
-    torch.compile (the random draws stay eager: they are two torch.rand calls per view)."""
+    """core.augment's two views; `compiled`: apply_view through torch.compile, as byol/train.py
+    runs it where it compiles (the random draws stay eager: two torch.rand calls per view)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    if not compiled:
-        return lambda images: two_view_augment(images, size, aug, gen, mean, std)
-    apply = torch.compile(apply_view, dynamic=False)
-
-    def views(images):
-        n, _, height, width = images.shape
-        out = []
-        for blur_p, solarize_p in ((aug.blur_p1, aug.solarize_p1), (aug.blur_p2, aug.solarize_p2)):
-            params = sample_view_params(n, height, width, aug, blur_p, solarize_p, gen, device)
-            out.append(normalize(apply(images, params, size, aug, blur_p, solarize_p), mean, std))
-        return tuple(out)
-
-    return views
+    apply = torch.compile(apply_view) if compiled else apply_view
+    return lambda images: two_view_augment(images, size, aug, gen, mean, std, apply)
 
 
 def make_augment(name: str, aug: AugmentConfig, size: int, mean, std, device):

@@ -31,7 +31,7 @@ from lightly.utils.scheduler import cosine_schedule
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
-from core.augment import AugmentConfig, two_view_augment
+from core.augment import AugmentConfig, apply_view, two_view_augment
 from core.config import ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
 from core.evaluate import evaluate_backbone
 from core.models import backbone_spec, build_backbone, count_macs, count_params, feature_dim
@@ -84,6 +84,9 @@ class Networks:
     target_fwd: Callable
     target_params: List[torch.Tensor]  # the EMA pairs, listed once
     online_params: List[torch.Tensor]
+    # core.augment.apply_view, compiled where the networks are (engine.compile; CUDA by default):
+    # it fuses the views' hundred-odd small elementwise kernels. `bench/gpu.sh augment` times both.
+    augment: Callable = apply_view
 
 
 def build_networks(cfg: Config, device: torch.device, dist: engine.Dist) -> Networks:
@@ -105,13 +108,15 @@ def build_networks(cfg: Config, device: torch.device, dist: engine.Dist) -> Netw
             online, device_ids=[device.index] if device.type == "cuda" else None)
     return Networks(online, target, engine.maybe_compile(online_step, cfg.engine, device),
                     engine.maybe_compile(target, cfg.engine, device),
-                    list(target.parameters()), list(source.parameters()))
+                    list(target.parameters()), list(source.parameters()),
+                    engine.maybe_compile(apply_view, cfg.engine, device))
 
 
 def make_views(images: torch.Tensor, cfg: Config, generator: torch.Generator, mean, std,
-               device: torch.device):
-    """BYOL's two augmented views of a uint8 batch, built on its device (core.augment)."""
-    view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, generator, mean, std)
+               device: torch.device, apply: Callable = apply_view):
+    """BYOL's two augmented views of a uint8 batch, built on its device (core.augment);
+    `apply`: Networks.augment (apply_view, compiled on CUDA)."""
+    view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, generator, mean, std, apply)
     if device.type == "cuda" and cfg.engine.channels_last:
         view1 = view1.contiguous(memory_format=torch.channels_last)
         view2 = view2.contiguous(memory_format=torch.channels_last)
@@ -268,7 +273,7 @@ def run(cfg: Config) -> Path:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 aug_gen.manual_seed(view_seed(cfg.seed, dist.rank, step))
-                view1, view2 = make_views(images, cfg, aug_gen, splits.mean, splits.std, device)
+                view1, view2 = make_views(images, cfg, aug_gen, splits.mean, splits.std, device, nets.augment)
                 pending.append(train_step(nets, optimizer, criterion, view1, view2, momentum, cfg, device))
                 step += 1
 

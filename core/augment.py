@@ -375,16 +375,18 @@ def augment_view(
     blur_p: float,
     solarize_p: float,
     generator: torch.Generator,
+    apply=apply_view,
 ) -> Tensor:
     """One BYOL view of a batch, every parameter drawn per sample from `generator`.
 
     images: uint8 [B, 1 or 3, H, W] on any device (1 channel is repeated to 3; a float input
     is taken as already in [0, 1]); generator on the same device. Returns float32
-    [B, 3, out_size, out_size] in [0, 1], not normalised.
+    [B, 3, out_size, out_size] in [0, 1], not normalised. `apply`: apply_view, or a compiled
+    apply_view (engine.maybe_compile: the training loops compile it on CUDA).
     """
     n, _, height, width = images.shape
     params = sample_view_params(n, height, width, cfg, blur_p, solarize_p, generator, images.device)
-    return apply_view(images, params, out_size, cfg, blur_p, solarize_p)
+    return apply(images, params, out_size, cfg, blur_p, solarize_p)
 
 
 def two_view_augment(
@@ -394,11 +396,12 @@ def two_view_augment(
     generator: torch.Generator,
     mean: Sequence[float],
     std: Sequence[float],
+    apply=apply_view,
 ) -> Tuple[Tensor, Tensor]:
     """BYOL's two asymmetric views (view 1: blur_p1 / solarize_p1, view 2: blur_p2 /
     solarize_p2), each normalised with mean/std. Float32 [B, 3, out_size, out_size] each."""
-    v1 = augment_view(images, out_size, cfg, cfg.blur_p1, cfg.solarize_p1, generator)
-    v2 = augment_view(images, out_size, cfg, cfg.blur_p2, cfg.solarize_p2, generator)
+    v1 = augment_view(images, out_size, cfg, cfg.blur_p1, cfg.solarize_p1, generator, apply)
+    v2 = augment_view(images, out_size, cfg, cfg.blur_p2, cfg.solarize_p2, generator, apply)
     return normalize(v1, mean, std), normalize(v2, mean, std)
 
 

@@ -25,7 +25,7 @@ from lightly.utils.scheduler import cosine_warmup_schedule
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
-from core.augment import AugmentConfig, two_view_augment
+from core.augment import AugmentConfig, apply_view, two_view_augment
 from core.config import ModelConfig, StageConfig, TrainConfig, to_dict, to_yaml
 from core.distill import DistillLossConfig, Distiller, load_teacher
 from core.errors import UserError
@@ -156,6 +156,7 @@ def run(cfg: Config) -> Path:
             distiller, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=unused)
     distiller_fwd = engine.maybe_compile(distiller_step, cfg.engine, device)
+    augment = engine.maybe_compile(apply_view, cfg.engine, device)  # the views' arithmetic, as byol's
 
     # ============ optimizer, schedules ============
     base_lr = cfg.train.lr * batch_size * dist.world_size / 256  # linear scaling rule
@@ -214,7 +215,7 @@ def run(cfg: Config) -> Path:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 view1, view2 = two_view_augment(images, cfg.data.image_size, cfg.aug, aug_gen,
-                                                splits.mean, splits.std)
+                                                splits.mean, splits.std, augment)
                 # Both views in one batch: teacher and student see exactly the same images.
                 views = torch.cat([view1, view2])
                 if device.type == "cuda" and cfg.engine.channels_last:

@@ -17,6 +17,7 @@ from core.augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
+    apply_view,
     augment_view,
     blur_kernel_size,
     crop_flip_resize,
@@ -570,3 +571,20 @@ def test_gpu_and_cpu_agree_in_distribution_without_host_syncs():
     e1, _ = two_view_augment(xg, 32, cfg, gen(42, "cuda"), mean, std)
     f1, _ = two_view_augment(xg, 32, cfg, gen(42, "cuda"), mean, std)
     assert torch.equal(e1, f1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_compiled_apply_view_equals_eager(device):
+    """byol and distill run apply_view through engine.maybe_compile (torch.compile on CUDA):
+    the compiled views must be the eager ones, every op on (crop, flip, jitter, grayscale,
+    blur, solarize), for the same drawn parameters."""
+    cfg = AugmentConfig(solarize_p1=0.5, grayscale_p=0.5)
+    x = rand_u8(32, 3, 40, 36, seed=7).to(device)
+    params = sample_view_params(32, 40, 36, cfg, 0.5, 0.5, gen(3, device), device)
+    assert 0 < int(params["blur"].sum()) < 32 and 0 < int(params["solarize"].sum()) < 32
+    eager = apply_view(x, params, 24, cfg, 0.5, 0.5)
+    compiled = torch.compile(apply_view)(x, params, 24, cfg, 0.5, 0.5)
+    assert compiled.shape == eager.shape == (32, 3, 24, 24)
+    torch.testing.assert_close(compiled, eager, atol=2e-5, rtol=0)
