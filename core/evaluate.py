@@ -64,16 +64,20 @@ def knn_top1(train_features, train_labels, test_features, test_labels, num_class
 
 def train_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                        epochs: int = 100, lr: float = 0.1, weight_decay: float = 0.0,
-                       batch_size: int = 512, seed: int = 0, device: Optional[torch.device] = None
-                       ) -> nn.Linear:
+                       batch_size: int = 512, seed: int = 0, device: Optional[torch.device] = None,
+                       min_std: float = 1e-6) -> nn.Linear:
     """A linear classifier on frozen features; returns a head that takes raw features.
 
     Features are standardised for conditioning (the BN-without-affine trick of MoCo v3's probe),
-    then the standardisation is folded into the returned Linear.
+    then the standardisation is folded into the returned Linear. `min_std` floors each feature's
+    std: a feature that barely varies is not blown up (folded, 1/std becomes its weight). For
+    int8 features pass their quantisation step: a feature that moves by one step in a few
+    images would otherwise get a weight hundreds of times the others', and the head's
+    per-channel int8 scale would round every other weight of its row to zero.
     """
     device = device or torch.device("cpu")
     x, y = train_features.to(device), train_labels.to(device)
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    mu, sd = x.mean(0), x.std(0).clamp_min(min_std)
     xs = (x - mu) / sd
     g = torch.Generator().manual_seed(seed)
     head = nn.Linear(x.shape[1], num_classes).to(device)

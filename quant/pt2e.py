@@ -164,6 +164,16 @@ def feature_extractor(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return features
 
 
+def head_input_step(prepared: torch.fx.GraphModule) -> float:
+    """The quantisation step of the head's input (its fake-quant scale): the resolution of the
+    int8 features, the floor for a probe's feature standardisation (train_linear_probe)."""
+    node = _head_linear(prepared).args[0]
+    module = prepared.get_submodule(node.target) if node.op == "call_module" else None
+    if not hasattr(module, "scale"):
+        raise ValueError(f"the head's input is not fake-quantised ({node.op} {node.target})")
+    return float(module.scale.max())
+
+
 @torch.no_grad()
 def replace_head(prepared: torch.fx.GraphModule, head: nn.Linear) -> None:
     """New head weights in the prepared graph, and its weight fake-quant's ranges recomputed from

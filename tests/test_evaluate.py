@@ -78,3 +78,34 @@ def test_frozen_guard_catches_a_changed_buffer():
     bn(torch.randn(8, 4))  # a train-mode forward rewrites running stats
     with pytest.raises(RuntimeError, match="teacher changed"):
         assert_unchanged(bn, before, "teacher")
+
+
+def per_channel_int8(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8 rounding, as the x86 quantizer does to a Linear's weight."""
+    scale = w.abs().amax(1, keepdim=True) / 127
+    return (w / scale).round().clamp(-127, 127) * scale
+
+
+def test_probe_std_floor_keeps_a_head_int8_safe():
+    """int8 features: 64 informative ones, 8 that move by one quantisation step in a single
+    training image. Standardising those by their tiny std makes their folded weights hundreds
+    of times the others', so per-channel int8 rounding zeroes the informative weights (what
+    the quant stage's refitted head suffered on CIFAR-10); min_std = the step prevents it."""
+    g = torch.Generator().manual_seed(0)
+    n, step = 4000, 0.1
+    y = torch.randint(0, 4, (n,), generator=g)
+    centers = torch.randn(4, 64, generator=g)
+    informative = (centers[y] + 3.0 * torch.randn(n, 64, generator=g)).clamp_min(0)
+    rare = torch.zeros(n, 8)
+    rare[torch.randint(0, 3000, (8,), generator=g), torch.arange(8)] = step
+    x = (torch.cat([informative, rare], 1) / step).round() * step
+    train, val = slice(0, 3000), slice(3000, None)
+    results = {}
+    for floor in (1e-6, step):
+        head = train_linear_probe(x[train], y[train], 4, 100, 0.1, 0.0, 256, 0, min_std=floor)
+        fp32 = topk_accuracy(x[val] @ head.weight.T + head.bias, y[val])[1]
+        int8 = topk_accuracy(x[val] @ per_channel_int8(head.weight).T + head.bias, y[val])[1]
+        results[floor] = (fp32, int8)
+    # Measured: no floor 0.871 fp32 -> 0.607 int8 weights; floor = step 0.873 -> 0.874.
+    assert results[1e-6][0] > 0.8 and results[1e-6][1] < results[1e-6][0] - 0.1
+    assert results[step][0] > 0.8 and abs(results[step][1] - results[step][0]) <= 0.01

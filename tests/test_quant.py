@@ -220,6 +220,9 @@ def test_refitted_head_is_a_probe_on_the_int8_models_own_features(from_checkpoin
     with torch.no_grad():
         f = features(x)
         assert f.shape == (8, 512)
+        # The features are int8 values: multiples of the step the refit floors their std at.
+        step = pt2e.head_input_step(fake_quant)
+        assert 0 < step and torch.allclose(f / step, (f / step).round(), atol=1e-3)
         # The graph's logits are the head on exactly these features (up to its int8 weights).
         out, ref = fake_quant(x), F.linear(f, head.weight, head.bias)
         assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item() >= 0.999
