@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The int8-vs-fp32 gap of the quant stage on CIFAR-10, at a scale 2 CPU cores can train: the
-# stand-in for the H100 check of issue #5 until a GPU is lent (README, "int8 QAT on CIFAR-10,
+# stand-in for the H100 check of issue #5 until a GPU is lent (README, "int8 QAT on CIFAR-10 at
 # CPU scale"). Digits' 359 validation images cannot resolve half a point; CIFAR-10's 5,000 can.
 #
 #   1. init      an untrained half-width CIFAR ResNet-18 (bench/init_artifact.py): 140M MACs,
@@ -9,11 +9,13 @@
 #                (about 8 min an epoch on the 2-core machine); its classifier is the fp32 source
 #   3. probe     the fp32 source under the probe protocol (frozen features, linear probe): the
 #                fair fp32 figure beside the int8 model's refitted head (quant.refit_head)
-#   4. qat       the quant stage on it, with the labels (loss.ce=1; no teacher at this scale),
+#   4. qat       the quant stage on it, with the labels (loss.ce=1, no teacher),
 #                1 epoch (BN and observers frozen at conversion), head refitted, exported, and
 #                the converted int8 file evaluated on the same 5k validation images
+#   5. qat-kd    the same QAT distilling from the fp32 source's logits (loss.kd=1, the stage's
+#                default loss) instead of the labels
 #
-#   bash bench/qat_cifar_cpu.sh [init] [source] [probe] [qat] [QUANT OVERRIDES...]   (default: all four)
+#   bash bench/qat_cifar_cpu.sh [init] [source] [probe] [qat] [qat-kd] [QUANT OVERRIDES...]  (default: all)
 #   RUNS=/tmp/qc/runs DATA=../shared/data/cifar10/train bash bench/qat_cifar_cpu.sh qat name=lr0 train.lr=0
 #
 # Every step resumes (the stages checkpoint) and skips work that is finished.
@@ -27,8 +29,8 @@ data=(data.name=imagefolder "data.root=$DATA" "data.cache_dir=$CACHE" data.downl
       data.image_size=32 data.val_fraction=0.1 track.mode=disabled "run_root=$RUNS")
 
 steps=() overrides=()
-for a in "$@"; do case "$a" in init|source|probe|qat) steps+=("$a") ;; *) overrides+=("$a") ;; esac; done
-[ ${#steps[@]} -gt 0 ] || steps=(init source probe qat)
+for a in "$@"; do case "$a" in init|source|probe|qat|qat-kd) steps+=("$a") ;; *) overrides+=("$a") ;; esac; done
+[ ${#steps[@]} -gt 0 ] || steps=(init source probe qat qat-kd)
 
 for step in "${steps[@]}"; do
   case "$step" in
@@ -43,5 +45,9 @@ for step in "${steps[@]}"; do
     qat)
       python -m quant configs/quant/cifar10_r18.yaml "${data[@]}" source="$RUNS/finetune/r18-w05-supervised" \
         'teacher=""' name=r18-w05-int8 loss.kd=0 loss.ce=1 train.epochs=1 "${overrides[@]}" ;;
+    qat-kd)
+      python -m quant configs/quant/cifar10_r18.yaml "${data[@]}" source="$RUNS/finetune/r18-w05-supervised" \
+        teacher="$RUNS/finetune/r18-w05-supervised" name=r18-w05-int8-kd loss.kd=1 loss.ce=0 train.epochs=1 \
+        "${overrides[@]}" ;;
   esac
 done
