@@ -210,3 +210,16 @@ def test_init_artifact_is_a_loadable_narrow_untrained_backbone(tmp_path):
     assert last.std().item() == pytest.approx((2 / (last.shape[0] * 9)) ** 0.5, rel=0.05)
     again = run_cli(["bench/init_artifact.py", str(out), "--width", "0.5"])
     assert again.returncode != 0 and "exists" in again.stderr
+
+    # The from-scratch baseline: the finetune stage takes it like any headless artifact.
+    from core.config import load_config
+    from finetune import Config, run
+
+    cfg = load_config(Config, None, ["data.name=synthetic", "data.synthetic_size=60", "data.image_size=16",
+                                     "data.val_fraction=0.25", "train.epochs=1", "train.batch_size=15",
+                                     "eval.knn_every_epochs=0", "eval.probe_epochs=2", "engine.device=cpu",
+                                     "engine.progress=false", "track.mode=disabled", f"artifact={out}",
+                                     f"run_root={tmp_path / 'runs'}"])
+    tuned = ckpt.load_model(run(cfg))
+    assert tuned.head is not None and tuned.spec == art.spec
+    assert not torch.equal(tuned.backbone.conv1.weight, art.backbone.conv1.weight)
