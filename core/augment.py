@@ -22,7 +22,7 @@ Each op follows the definition of its torchvision counterpart (`RandomResizedCro
 
 Randomness is split from the arithmetic: `sample_view_params` draws every random number
 (two `torch.rand` calls per view), `apply_view` is a pure tensor function of the images and
-those parameters (the part to hand to `torch.compile` if wanted).
+those parameters (what byol and distill hand to `torch.compile` where they compile).
 """
 
 from __future__ import annotations
