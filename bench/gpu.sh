@@ -3,7 +3,8 @@
 # each step fits in one 10-minute command. Results go under $OUT (the device's output folder).
 #
 #   bash bench/gpu.sh prepare     HERE (no GPU): .gpu/whl (lightly, omegaconf, antlr4, kornia wheels for
-#                                 Python 3.12) and .gpu/cifar10-train.zip (../shared/data/cifar10/train)
+#                                 Python 3.12) and .gpu/cifar10-train.zip (../shared/data/cifar10/train):
+#                                 62 MB together, under the 64 MiB a device call may carry
 #   bash bench/gpu.sh STEP        ON THE GPU MACHINE: device `run`, carry [".gpu"], command
 #                                 `bash bench/gpu.sh STEP`; copy what comes back into bench/results/
 #   bash bench/gpu.sh report      anywhere: the README tables from bench/results/*.json
@@ -39,7 +40,7 @@ LEARN_DIR=/tmp/byol-learn
 EPOCHS=${EPOCHS:-50}
 export PYTHONUNBUFFERED=1 WANDB_SILENT=true
 
-usage() { sed -n '2,30p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,31p' "$0"; exit "${1:-0}"; }
 
 prepare() {  # here, with network: what the GPU machine cannot fetch
   mkdir -p .gpu/whl
