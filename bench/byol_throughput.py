@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -440,38 +441,48 @@ def view_statistics(views, images: torch.Tensor, rounds: int, batch_size: int) -
 
 def augment_only(args, device, names) -> dict:
     """views/s of each augmentation at 32 px (the decoded data) and 224 px (256 px uint8
-    batches: the data upscaled), and the view statistics of each at 32 px."""
+    batches: the data upscaled), and the view statistics of each at 32 px.
+
+    Timed in `--augment-rounds` interleaved rounds (every implementation once per round, each
+    round `--steps` steps after `--warmup`), and each implementation's median round reported:
+    on a shared or throttling machine, back-to-back runs of one implementation drift apart by
+    2-3x (measured on the 2-core CPU machine), interleaving exposes them to the same drift."""
     cfg = stage_config(args, "resnet18", cifar_recipe("resnet18"),
                        ["data.in_memory=true", "data.val_fraction=0.0", f"train.batch_size={args.batch_size}"])
     splits = datalib.load_splits(cfg.data)
     images = splits.train.images.to(device)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     log(f"data: {len(images)} images from {cfg.data.root}")
     results = {}
     for size, source_size, batch_size in ((cfg.data.image_size, None, args.batch_size),
                                           (args.image_size_224, 256, args.batch_size_224)):
+        if len(images) < batch_size:
+            raise SystemExit(f"--augment: {len(images)} images < batch size {batch_size}")
+        if source_size:  # upscaled before timing (4 batches, cycled): the timing is the views' alone
+            pool = [F.interpolate(images[order[i * batch_size:(i + 1) * batch_size].to(device)].float(),
+                                  size=source_size, mode="bilinear").round().clamp(0, 255).byte()
+                    for i in range(min(4, len(images) // batch_size))]
+            batches = itertools.cycle(pool)
+        else:
+            batches = (images[order[start:start + batch_size].to(device)]
+                       for start in itertools.cycle(range(0, len(images) - batch_size + 1, batch_size)))
+        torch.manual_seed(0)  # kornia draws from the global generator
+        augments = {name: make_augment(name, cfg.aug, size, splits.mean, splits.std, device) for name in names}
+        rounds = {name: [] for name in names}
+        for r in range(args.augment_rounds):
+            for name, views in augments.items():
+                def step(i, batch, views=views):
+                    v1, v2 = views(batch)
+                    return v1.view(-1)[0] + v2.view(-1)[0]  # no reduction: the timing is the views'
+
+                rounds[name].append(measure(batches, step, args.steps, args.warmup, batch_size, device))
+                log(f"augment {AUG_LABELS[name]} at {size} px, round {r + 1}: "
+                    f"{rounds[name][-1]['img_per_s']:,.0f} images/s (two views each)")
         row = {"image_size": size, "batch_size": batch_size, "source_size": source_size or images.shape[-1]}
-        for name in names:
-            torch.manual_seed(0)  # kornia draws from the global generator
-            views = make_augment(name, cfg.aug, size, splits.mean, splits.std, device)
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-
-            def batches():
-                for start in itertools.cycle(range(0, len(images) - batch_size + 1, batch_size)):
-                    batch = images[order[start:start + batch_size].to(device)]
-                    if source_size:
-                        batch = torch.nn.functional.interpolate(batch.float(), size=source_size, mode="bilinear",
-                                                                antialias=False).round().clamp(0, 255).byte()
-                    yield batch
-
-            def step(i, batch):
-                v1, v2 = views(batch)
-                return v1.view(-1)[0] + v2.view(-1)[0]  # no reduction: the timing is the views'
-
-            if len(images) < batch_size:
-                raise SystemExit(f"--augment: {len(images)} images < batch size {batch_size}")
-            log(f"augment {AUG_LABELS[name]} at {size} px ...")
-            row[name] = measure(batches(), step, args.steps, args.warmup, batch_size, device)
-            log(f"augment {AUG_LABELS[name]} at {size} px: {row[name]['img_per_s']:,.0f} images/s (two views each)")
+        for name, runs in rounds.items():
+            per_round = sorted(run["img_per_s"] for run in runs)
+            median = per_round[len(per_round) // 2]
+            row[name] = {**next(run for run in runs if run["img_per_s"] == median), "rounds": per_round}
             if source_size is None:
                 torch.manual_seed(0)
                 views = make_augment(name, cfg.aug, size, splits.mean, splits.std, device)
@@ -700,6 +711,7 @@ def parse_args(argv=None):
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true", help="time the two-view augmentation alone")
     parser.add_argument("--augments", default=",".join(AUGMENTS), help="subset of " + ",".join(AUGMENTS))
+    parser.add_argument("--augment-rounds", type=int, default=5, help="--augment: interleaved timing rounds")
     parser.add_argument("--stats-images", type=int, default=2048, help="--augment: images for the view statistics")
     parser.add_argument("--stats-rounds", type=int, default=4, help="--augment: passes over them")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="print the table of these results")
@@ -707,8 +719,8 @@ def parse_args(argv=None):
     cpu = args.device == "cpu"
     args.steps = args.steps if args.steps is not None else (3 if cpu else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 10)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.augment_rounds < 1:
+        parser.error("--steps and --augment-rounds must be >= 1, --warmup >= 0")
     args.data = args.data.resolve()
     return args
 

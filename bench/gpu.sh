@@ -101,7 +101,7 @@ imagefolder224() {
 
 augment() {
   done_already augment && return 0
-  bench --augment --data "$DATA" --batch-size 512 --batch-size-224 256 --steps 100 --warmup 20 \
+  bench --augment --data "$DATA" --batch-size 512 --batch-size-224 256 --steps 20 --warmup 10 --augment-rounds 5 \
     --out "$OUT/augment.json" 2>&1 | tee "$OUT/augment.log"
 }
 

@@ -122,7 +122,7 @@ def test_augment_mode_times_both_implementations_and_compares_views(folder, tmp_
     proc = run_cli(["bench/byol_throughput.py", "--device", "cpu", "--augment", "--augments", "project,kornia",
                     "--data", str(folder), "--cache-dir", str(tmp_path / "cache"), "--batch-size", "16",
                     "--batch-size-224", "4", "--image-size-224", "48", "--steps", "2", "--warmup", "1",
-                    "--stats-images", "40", "--stats-rounds", "1", "--out", str(out)])
+                    "--stats-images", "40", "--stats-rounds", "1", "--augment-rounds", "3", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     blob = json.loads(out.read_text())
     assert blob["mode"] == "augment" and set(blob["results"]) == {"32px", "48px"}
@@ -131,6 +131,7 @@ def test_augment_mode_times_both_implementations_and_compares_views(folder, tmp_
         assert row["image_size"] == size
         for name in ("project", "kornia"):
             assert positive(row[name]["img_per_s"]) and row[name]["steps"] == 2, row
+            assert len(row[name]["rounds"]) == 3 and row[name]["img_per_s"] == row[name]["rounds"][1]  # the median
         assert positive(row["kornia_over_project"])
     stats = blob["results"]["32px"]["kornia"]["stats"]
     assert stats["images"] == 40 and all(math.isfinite(v) for v in stats["view2"]["std"])
