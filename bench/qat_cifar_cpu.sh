@@ -18,7 +18,7 @@
 #   bash bench/qat_cifar_cpu.sh [init] [source] [probe] [qat] [qat-kd] [QUANT OVERRIDES...]  (default: all)
 #   RUNS=/tmp/qc/runs DATA=../shared/data/cifar10/train bash bench/qat_cifar_cpu.sh qat name=lr0 train.lr=0
 #
-# Every step resumes (the stages checkpoint) and skips work that is finished.
+# Every step skips work that is finished; source and the QAT steps resume from their checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/tmp/qc/runs}
@@ -40,8 +40,8 @@ for step in "${steps[@]}"; do
       python -m finetune configs/finetune/cifar10.yaml "${data[@]}" artifact="$RUNS/init/r18-w05" \
         name=r18-w05-supervised train.epochs=3 train.lr=0.2 train.weight_decay=5e-4 eval.knn_every_epochs=0 ;;
     probe)
-      python -m probe configs/pipelines/cifar10.yaml "${data[@]}" artifact="$RUNS/finetune/r18-w05-supervised" \
-        name=r18-w05-supervised ;;
+      [ -f "$RUNS/probe/r18-w05-supervised/metrics.json" ] || python -m probe configs/pipelines/cifar10.yaml \
+        "${data[@]}" artifact="$RUNS/finetune/r18-w05-supervised" name=r18-w05-supervised ;;
     qat)
       python -m quant configs/quant/cifar10_r18.yaml "${data[@]}" source="$RUNS/finetune/r18-w05-supervised" \
         'teacher=""' name=r18-w05-int8 loss.kd=0 loss.ce=1 train.epochs=1 "${overrides[@]}" ;;
