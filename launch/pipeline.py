@@ -16,12 +16,15 @@ input names an earlier step as `@step` (`student: "@byol18"`), a directory, or "
       byol18:  {stage: byol, model: {arch: resnet18}}
       pruned:  {stage: prune, student: "@byol18", teacher: "@teacher", recovery: ce}
 
-Overrides: `key=value` applies to every stage (like `common:`), `stages.<step>.key=value` to
-one (like its section), e.g. `stages.byol.train.epochs=2 run_root=/scratch/runs`.
+Overrides: `key=value` applies to every stage whose config has that key (like `common:`;
+`train.max_steps=2` skips the probe, which does not train), `stages.<step>.key=value` to one
+(like its section), e.g. `stages.byol.train.epochs=2 run_root=/scratch/runs`. A key that no
+stage has is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -30,7 +33,7 @@ from omegaconf import DictConfig
 
 from core.config import read_yaml
 from core.errors import UserError
-from launch.jobs import INPUTS, STAGES, Planned, check_inputs, resolve
+from launch.jobs import INPUTS, STAGES, Planned, check_inputs, load_stage, resolve
 
 SAFE_STEP = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -50,6 +53,12 @@ def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> Tuple[Li
         else:
             common.append(item[len("common."):] if key.startswith("common.") else item)
     return common, per_stage
+
+
+def applicable(overrides: Sequence[str], stage: str) -> List[str]:
+    """The overrides whose top-level key `stage`'s config has."""
+    keys = {f.name for f in dataclasses.fields(load_stage(stage).Config)}
+    return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in keys]
 
 
 def _in_stage(step: str, fn, *args):
@@ -108,12 +117,16 @@ def plan_pipeline(path: str | Path, overrides: Sequence[str] = (), name_suffix: 
     common, per_step = split_overrides(overrides, [step for step, _ in steps])
 
     first_step, first_stage = steps[0]
-    first = _in_stage(first_step, resolve, first_stage, path, common + per_step[first_step], first_step)
+    unused = [o for o in common if not any(o in applicable([o], stage) for _, stage in steps)]
+    if unused:  # no stage has this key: the first stage's config says so, with its valid keys
+        _in_stage(first_step, resolve, first_stage, path, unused, first_step)
+    first = _in_stage(first_step, resolve, first_stage, path, applicable(common, first_stage) + per_step[first_step],
+                      first_step)
     name = first.name if first.name != "default" else Path(path).stem
     planned: List[Planned] = []
     index: Dict[str, int] = {}  # step -> its position in `planned`
     for step, stage in steps:
-        base = common + per_step[step]
+        base = applicable(common, stage) + per_step[step]
         if named:  # two steps of one stage must not share a run dir
             base.append(f"name={name}-{step}{name_suffix}")
         elif name_suffix:

@@ -151,6 +151,9 @@ def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, sa
             entry.update(state="FAILED", error="interrupted (rerun the same command to resume)")
             status.write_manifest(record, manifest)
             raise
+        if error is None and not (Path(p.run_dir) / "metrics.json").is_file():
+            # The job returned without finishing (train.max_steps): later stages need its artifact.
+            error = f"stopped before the end of training, no artifact in {p.run_dir} (train.max_steps?); rerun to continue"
         if error is None:
             entry["state"] = "COMPLETED"
         else:

@@ -162,7 +162,7 @@ def test_pipeline_explicit_input_is_kept_and_must_exist(tmp_path, monkeypatch):
     ({"byol": {}, "probe": {"bogus": 1}}, [], "pipeline stage probe: unknown key 'bogus'"),
     ({"byol": {}, "bogus": {}}, [], "unknown stage(s) bogus"),
     ({"byol": {}}, ["stages.probe.seed=1"], "the pipeline has no stage 'probe'"),
-    ({"byol": {}, "probe": {}}, ["train.epochs=2"], "pipeline stage probe: unknown key 'train'"),
+    ({"byol": {}, "probe": {}}, ["trian.epochs=2"], "pipeline stage byol: unknown key 'trian'"),
 ])
 def test_pipeline_mistakes_fail_before_anything_runs(tmp_path, stages, overrides, message):
     f = write_pipeline(tmp_path / "p.yaml", stages)
@@ -173,6 +173,16 @@ def test_pipeline_mistakes_fail_before_anything_runs(tmp_path, stages, overrides
     with pytest.raises(UserError) as e:
         plan_pipeline(f, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_common_override_goes_to_the_stages_that_have_its_key(tmp_path):
+    # train.* reaches byol and distill; the probe, which does not train, is planned without it.
+    f = write_pipeline(tmp_path / "p.yaml", {"byol": {}, "probe": {}, "distill": {}})
+    _, planned = plan_pipeline(f, [f"run_root={tmp_path}/runs", "train.max_steps=2", "seed=3"])
+    byol, probe, distill = planned
+    assert byol.cfg.train.max_steps == 2 and distill.cfg.train.max_steps == 2
+    assert not hasattr(probe.cfg, "train") and "train.max_steps=2" not in probe.overrides
+    assert {p.cfg.seed for p in planned} == {3}
 
 
 NAMED = {  # the shape of configs/ablations/order.yaml
@@ -298,8 +308,8 @@ def test_shipped_pipelines_and_example_grid_resolve(no_slurm, capsys):
             continue  # named steps, planned below through their sweeps
         name, planned = plan_pipeline(path)
         assert [p.stage for p in planned] == ["byol", "probe", "distill", "prune", "quant"], path
-        assert all(p.cfg.launch.cluster == "slurm" and p.cfg.track.group == name for p in planned)
-        assert main(["pipeline", str(path), "--dry-run"]) == 0
+        assert all(p.cfg.launch.cluster == "local" and p.cfg.track.group == name for p in planned)  # one GPU
+        assert main(["pipeline", str(path), "launch.cluster=slurm", "--dry-run"]) == 0
         assert capsys.readouterr().out.count("#SBATCH --dependency=afterok:") == 4
     spec, planned = plan_sweep(ROOT / "configs/ablations/byol_momentum.yaml")
     assert len(planned) == 6 and {p.cfg.byol.momentum_start for p in planned} == {0.99, 0.996}
@@ -357,6 +367,19 @@ def test_local_pipeline_stops_at_first_failure(tmp_path, capsys):
     assert "not run: byol-tiny failed" in manifest["jobs"][1]["error"]
     assert not (root / "probe").exists()
     assert "FAILED byol-tiny" in capsys.readouterr().out
+
+
+def test_pipeline_stops_when_a_stage_ends_without_its_artifact(tmp_path, capsys):
+    # train.max_steps stops byol early with only checkpoint.pt: the probe must not run on it.
+    root = tmp_path / "runs"
+    f = write_pipeline(tmp_path / "tiny.yaml", {"byol": {}, "probe": {}}, {"name": "tiny"})
+    code = main(["pipeline", str(f), f"run_root={root}", "launch.cluster=debug", *TINY_COMMON, *TINY_STAGE_BYOL,
+                 "train.max_steps=1"])
+    assert code == 1
+    manifest = status.read_manifests(root)[-1]
+    assert [j["state"] for j in manifest["jobs"]] == ["FAILED", "NOT_RUN"]
+    assert "stopped before the end of training" in manifest["jobs"][0]["error"]
+    assert (root / "byol/tiny/checkpoint.pt").is_file() and not (root / "probe").exists()
 
 
 def test_local_executor_runs_a_job_in_a_subprocess(tiny_pipeline, tmp_path):
