@@ -275,10 +275,12 @@ def export_package(converted: torch.fx.GraphModule, example: torch.Tensor, path:
         tmp = tmp_dir / path.name
         with torch.no_grad():
             program = torch.export.export(converted, (example,), dynamic_shapes=({0: batch_dim()},))
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp),
-                inductor_configs={"freezing": True,
-                                  "aot_inductor.metadata": {k: str(v) for k, v in (metadata or {}).items()}})
+            configs = {"freezing": True, "aot_inductor.metadata": {k: str(v) for k, v in (metadata or {}).items()}}
+            if hasattr(torch._inductor.config.aot_inductor, "enable_line_tables"):
+                # On by default (torch 2.14): -g1 line tables, 1.3 of the quickstart package's 7.4 MB,
+                # for profilers' symbolisation only.
+                configs["aot_inductor.enable_line_tables"] = False
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
         tmp.replace(path)  # atomic: a killed compile leaves no half package under the real name
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -49,7 +49,7 @@ from core.augment import AugmentConfig, augment_view, eval_view, normalize
 from core.config import StageConfig, TrainConfig, choice, to_dict, to_yaml
 from core.distill import LOSSES, DistillLossConfig, kd_loss, load_teacher
 from core.errors import UserError
-from core.evaluate import (assert_unchanged, extract_features, linear_cka, snapshot, topk_accuracy,
+from core.evaluate import (assert_unchanged, extract_features, knn_top1, linear_cka, snapshot, topk_accuracy,
                            train_linear_probe)
 from core.latency import LatencyConfig, measure_latency
 from core.models import Classifier, backbone_from_spec, count_macs, count_params, feature_dim
@@ -344,12 +344,18 @@ def run(cfg: Config) -> Path:
     pt2e.freeze_bn_stats(prepared)
     val_labels = splits.val.labels.cpu()
     qat_head_acc = topk_accuracy(predict(prepared, splits.val.images, splits.mean, splits.std, size, cpu), val_labels)
+    # The int8 model's own features (fake-quantised: what conversion computes, in float), for
+    # its kNN top-1, the same monitor as every other stage's, and the refitted head.
+    features = pt2e.feature_extractor(prepared)
+    train_features = predict(features, splits.train.images, splits.mean, splits.std, size, cpu)
+    int8_knn = knn_top1(train_features, splits.train.labels.cpu(),
+                        predict(features, splits.val.images, splits.mean, splits.std, size, cpu), val_labels,
+                        splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
     if cfg.quant.refit_head:  # a linear probe on the int8 model's own (fake-quantised) features
-        features = pt2e.feature_extractor(prepared)
         # Standardised with std >= the features' int8 step: without that floor the CIFAR-10 check
         # (bench/qat_cifar_cpu.sh) fell from 0.47 to 0.19 top-1, all of it the head's own int8
         # weight rounding (core.evaluate.train_linear_probe says why).
-        head = train_linear_probe(predict(features, splits.train.images, splits.mean, splits.std, size, cpu),
+        head = train_linear_probe(train_features,
                                   splits.train.labels.cpu(), splits.num_classes, cfg.eval.probe_epochs,
                                   cfg.eval.probe_lr, cfg.eval.probe_weight_decay, cfg.eval.probe_batch_size, cfg.seed,
                                   min_std=pt2e.head_input_step(prepared))
@@ -389,6 +395,7 @@ def run(cfg: Config) -> Path:
         "probe_top1": int8_acc[1], "probe_top5": int8_acc[5],
         "fp32_top1": fp32_acc[1], "fp32_top5": fp32_acc[5], "top1_drop": fp32_acc[1] - int8_acc[1],
         "int8_vs_fakequant_cosine": agreement, "head": "refit" if cfg.quant.refit_head else "qat",
+        "knn_top1": int8_knn,  # on the fake-quantised features (int8_vs_fakequant_cosine says how close)
         "qat_head_top1": qat_head_acc[1],  # fake-quant, with the QAT-tuned source head (before any refit)
         "params": count_params(source.backbone), "macs": count_macs(source.backbone, size),
         "file_mb": package.stat().st_size / 2**20 if package else None,

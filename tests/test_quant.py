@@ -22,7 +22,7 @@ from core import data as datalib
 from core.augment import eval_view
 from core.config import load_config
 from core.errors import UserError
-from core.evaluate import topk_accuracy
+from core.evaluate import knn_top1, topk_accuracy
 from core.models import backbone_from_spec, backbone_spec, build_backbone
 from quant import Config, run
 from quant import pt2e
@@ -233,6 +233,13 @@ def test_refitted_head_is_a_probe_on_the_int8_models_own_features(from_checkpoin
         scaled = copy.deepcopy(fake_quant)
         pt2e.replace_head(scaled, big)
         torch.testing.assert_close(scaled(x), out * 10, atol=1e-3 * out.abs().max().item() * 10, rtol=0)
+    # knn_top1 is the kNN monitor of every stage, on these same features: recomputed here.
+    cfg = quant_config(quant_run.parent, "unused")
+    splits = datalib.load_splits(cfg.data)
+    with torch.no_grad():
+        train_f, val_f = (features(eval_view(s.images, SIZE, splits.mean, splits.std)) for s in (splits.train, splits.val))
+    assert m["knn_top1"] == pytest.approx(knn_top1(train_f, splits.train.labels, val_f, splits.val.labels,
+                                                   splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature))
 
 
 def test_split_relus_makes_resnet50_quantizable():
