@@ -2,6 +2,7 @@
 config errors, exact resume, sparsity training (network slimming). Tiny random ResNet-18
 artifacts at 16px (ImageNet stem)."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from core import checkpoint as ckpt
 from core.config import load_config
 from core.errors import UserError
 from core.latency import LatencyConfig, latency_metrics, measure_latency
-from core.models import Classifier, backbone_from_spec, backbone_spec, build_backbone, count_macs, feature_dim
+from core.models import (Classifier, backbone_from_spec, backbone_spec, build_backbone, count_macs, count_params,
+                         feature_dim)
 from prune.train import Config, PruneConfig, prune_channels, prune_to_target, recalibrate_bn, run
 from tests.conftest import run_cli
 
@@ -159,6 +161,39 @@ def test_pruned_model_meets_macs_target(global_pruning, target):
     assert sum(p.numel() for p in model.backbone.parameters()) == params_before
 
 
+def test_layer_ratios_prune_a_part_harder_at_the_same_macs_target(tmp_path):
+    """prune.layer_ratios={layer4: 0.7}: layer4 loses 70% of its channels (rounded), the rest is
+    pruned to the MACs target as before; far fewer parameters for the same MACs."""
+    model = random_classifier(0)
+    with torch.no_grad():  # layer4's residual stream looks unimportant next to its inner channels
+        for block in model.backbone.layer4:
+            block.conv2.weight.mul_(0.2)
+        model.backbone.layer4[0].downsample[0].weight.mul_(0.2)
+    base = PruneConfig(target_macs_ratio=0.5, macs_tolerance=0.02, round_to=16, iterative_steps=2)
+    plain, _, macs_plain = prune_to_target(model, SIZE, base, log=lambda line: None)
+    cfg = dataclasses.replace(base, layer_ratios={"layer4": 0.7})
+    pruned, _, macs = prune_to_target(model, SIZE, cfg, log=lambda line: None)
+    full = count_macs(model.backbone, SIZE)
+    # At 16 px (1x1 maps in layer4) the search may stop a few points under the target.
+    assert 0.4 <= macs / full <= 0.5 and 0.48 <= macs_plain / full <= 0.5
+    widths = [m.out_channels for m in pruned.backbone.layer4.modules() if isinstance(m, nn.Conv2d)]
+    # 512 * 0.3 = 154, rounded to 16, in every group of the part: ranked as one scope, the
+    # residual width would go first (to 48 on the cifar10.yaml rehearsal).
+    assert all(w in (144, 160) for w in widths), widths
+    assert count_params(pruned.backbone) < 0.7 * count_params(plain.backbone)  # 3.49M against 5.73M
+    assert feature_dim(pruned.backbone) == pruned.head.in_features in (144, 160)
+    with torch.no_grad():
+        assert torch.isfinite(pruned(images())).all()
+    with pytest.raises(UserError, match=r"prune.layer_ratios: the backbone has no part 'layer5'.*layer1, layer2"):
+        prune_to_target(model, SIZE, dataclasses.replace(base, layer_ratios={"layer5": 0.5}), log=lambda line: None)
+    cfg = load_config(Config, overrides=TINY_PRUNE + [f"student={make_artifact(tmp_path / 's', 0)}", "recovery=ce",
+                                                      f"run_root={tmp_path / 'runs'}", "prune.layer_ratios={layer4: 0.95}"])
+    assert cfg.prune.layer_ratios == {"layer4": 0.95}
+    with pytest.raises(UserError, match=r"prune.layer_ratios.layer4.*0 <= x <= prune.max_layer_ratio"):
+        run(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_keep_embedding_keeps_the_pooled_width():
     model = random_classifier(0)
     cfg = PruneConfig(keep_embedding=True, global_pruning=False)
@@ -219,7 +254,8 @@ def test_pruning_planted_zero_channels_leaves_outputs_unchanged(importance, glob
     x = images(32)
     with torch.no_grad():
         before = model(x)
-    cfg = PruneConfig(importance=importance, global_pruning=global_pruning, iterative_steps=steps)
+    # round_to=16: 25% of 64 channels leaves 48, not a multiple of the default 32
+    cfg = PruneConfig(importance=importance, global_pruning=global_pruning, iterative_steps=steps, round_to=16)
     loss_fn = lambda m: nn.functional.cross_entropy(m(x), torch.arange(32) % 10)  # noqa: E731
     prune_channels(model, torch.zeros(1, 3, SIZE, SIZE), cfg, 0.25, loss_fn)
     assert model.backbone.layer1[0].conv1.out_channels == 48 and model.head.in_features == 384
