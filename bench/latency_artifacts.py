@@ -8,6 +8,7 @@ image size, `--threads` CPU threads. Prints a Markdown table.
 
     python bench/latency_artifacts.py runs/quant/quickstart runs/prune/quickstart runs/byol/quickstart
     python bench/latency_artifacts.py --demo /tmp/qbench   # random CIFAR ResNet-18 -> quant -> table
+    python bench/latency_artifacts.py runs/quant/a runs/quant/b --rounds 3   # interleaved, median round
 
 `--demo DIR` needs no data: it saves a randomly initialised CIFAR-stem ResNet-18 (+ head) as an
 artifact, runs the quant stage on it for two steps of synthetic 32px images (the numbers are
@@ -17,6 +18,7 @@ about speed and size, not accuracy), then measures both.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -103,12 +105,24 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=0, help="0 = the artifact's own")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every artifact once per round, interleaved; report each one's median round")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dirs = list(args.artifacts) + (make_demo(args.demo) if args.demo else [])
     if not dirs:
         parser.error("name artifact dirs, or --demo DIR")
-    print_table([measure(d, args.iters, args.warmup, args.image_size) for d in dirs])
+    # Interleaved rounds: on a shared machine one model's timings drift 2-3x from run to run.
+    rounds = [[measure(d, args.iters, args.warmup, args.image_size) for d in dirs] for _ in range(args.rounds)]
+    rows = []
+    for i in range(len(dirs)):
+        row = dict(rounds[0][i])
+        for key in [k for k in row if k[-3:] in ("_b1", "b32")]:
+            row[key] = statistics.median(r[i][key] for r in rounds)
+            if args.rounds > 1:
+                print(f"{dirs[i]} {key}: " + " / ".join(f"{r[i][key]:.2f}" for r in rounds) + " ms")
+        rows.append(row)
+    print_table(rows)
 
 
 if __name__ == "__main__":

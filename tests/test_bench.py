@@ -224,3 +224,70 @@ def test_init_artifact_is_a_loadable_narrow_untrained_backbone(tmp_path):
     tuned = ckpt.load_model(run(cfg))
     assert tuned.head is not None and tuned.spec == art.spec
     assert not torch.equal(tuned.backbone.conv1.weight, art.backbone.conv1.weight)
+
+
+def planted_pipeline(root, teacher_top1=0.86, int8_top1=0.845):
+    """byol/distill/prune/quant artifact dirs: small real backbones (+ heads), planted metrics."""
+    import torch.nn as nn
+
+    from core import checkpoint as ckpt
+    from core.models import backbone_spec, build_backbone
+
+    planted = {"byol": ("resnet18", teacher_top1, 0.5e9), "distill": ("resnet18", 0.845, 0.56e9),
+               "prune": ("resnet18", 0.84, 0.27e9), "quant": ("resnet18", int8_top1, 0.27e9)}
+    for stage, (arch, top1, macs) in planted.items():
+        d = root / stage / "p"
+        backbone = build_backbone(arch, cifar_stem=False)
+        ckpt.save_model(d, backbone, backbone_spec(backbone, arch, False), {"stage": stage, "image_size": 16},
+                        nn.Linear(512, 10))
+        ckpt.write_json(d / "metrics.json", {"stage": stage, "arch": arch, "probe_top1": top1, "probe_top5": 0.99,
+                                             "knn_top1": top1 - 0.01, "params": 11.2e6, "macs": macs,
+                                             "seconds_per_epoch": 3.0, "latency_ms_cpu_b1": 999.0})
+        (d / "config.yaml").write_text(f"name: p\nseed: 0\nmodel: {{arch: {arch}}}\n")
+        (d / "checkpoint.pt").write_bytes(b"not packed")
+    return root
+
+
+def test_pack_zeroes_weights_keeping_sizes_and_report_checks_targets(tmp_path):
+    import torch
+
+    from core import checkpoint as ckpt
+
+    root = planted_pipeline(tmp_path / "runs")
+    z = tmp_path / "a.zip"
+    proc = run_cli(["bench/pack_artifacts.py", str(root), str(z)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original = root / "byol/p/model.pt"
+    assert z.stat().st_size < original.stat().st_size / 20  # zeros deflate to almost nothing
+    out = tmp_path / "report"
+    proc = run_cli(["bench/pipeline_report.py", str(z), "--out", str(out), "--iters", "2", "--warmup", "1", "--rounds", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unpacked = out / "artifacts/byol/p"
+    # Same file size, same spec and shapes; every weight zero; checkpoint.pt left behind.
+    assert (unpacked / "model.pt").stat().st_size == original.stat().st_size
+    art, ref = ckpt.load_model(unpacked), ckpt.load_model(root / "byol/p")
+    assert art.spec == ref.spec and (unpacked / "PACKED").is_file() and not (unpacked / "checkpoint.pt").exists()
+    assert all(not t.any() for t in art.backbone.state_dict().values()) and not art.head.weight.any()
+    assert any(t.any() for t in ref.backbone.state_dict().values())
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert [r["stage"] for r in report["rows"]] == ["byol", "distill", "prune", "quant"]
+    for r in rows.values():  # measured here, not the planted 999 ms of the training host
+        assert positive(r["latency_ms_cpu_b1"]) and r["latency_ms_cpu_b1"] != 999.0
+        assert len(r["latency_rounds_b1"]) == 2 and min(r["latency_rounds_b1"]) <= r["latency_ms_cpu_b1"]
+        assert r["file_mb"] == pytest.approx(original.stat().st_size / 2**20, rel=1e-3)
+    met = {what: passed for what, _, passed in report["targets"]}
+    assert met["teacher probe top-1 >= 0.85"] and met["student >= teacher - 2 points"]
+    assert met["pruned MACs <= 50% of the student's"] and met["int8 >= pruned - 0.5 point"]
+    assert not met["int8 file >= 20x smaller than the teacher's"]  # same-size files here: 1x
+    table = (out / "table.md").read_text()
+    assert "| teacher (fp32) | byol/p | resnet18 | 0.8600 |" in table and (out / "pareto_latency.png").is_file()
+
+    # A weak teacher and a lossy int8 model fail their targets.
+    root2 = planted_pipeline(tmp_path / "runs2", teacher_top1=0.80, int8_top1=0.83)
+    proc = run_cli(["bench/pipeline_report.py", str(root2), "--out", str(tmp_path / "r2"), "--iters", "1",
+                    "--warmup", "0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    met = {what: passed for what, _, passed in json.loads((tmp_path / "r2/report.json").read_text())["targets"]}
+    assert met["teacher probe top-1 >= 0.85"] is False and met["int8 >= pruned - 0.5 point"] is False
+    assert met["student >= teacher - 2 points"] is True
