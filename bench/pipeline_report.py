@@ -102,17 +102,17 @@ def measure_rows(dirs: dict, rows: dict, iters: int, warmup: int, rounds: int) -
                            latency_rounds_b1=t["b1"], latency_rounds_b32=t["b32"])
 
 
-def report(source: Path, out: Path, iters: int = 20, warmup: int = 5, rounds: int = 3) -> dict:
+def report(source: Path, out: Path, iters: int = 20, warmup: int = 5, rounds: int = 3, name: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     root = unpack(source, out)
     rows, dirs = {}, {}
     for d in collect_mod.find_artifacts([root]):
         row = collect_mod.read_run(d, {})
-        if row["stage"] not in ROLES:
+        if row["stage"] not in ROLES or (name and d.name != name):
             continue  # the probe stage: the teacher's own probe_top1 is the byol row's
         if row["stage"] in rows:
             raise SystemExit(f"pipeline_report: two {row['stage']} runs under {root} ({rows[row['stage']]['run']}, "
-                             f"{row['run']}): point it at one pipeline's run root")
+                             f"{row['run']}): point it at one pipeline's run root, or pick one with --name")
         row["model"] = ROLES[row["stage"]]
         rows[row["stage"]], dirs[row["stage"]] = row, d
     if not rows:
@@ -147,9 +147,10 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--name", default="", help="only the artifacts of this run name (runs/<stage>/NAME)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report(args.source, args.out, args.iters, args.warmup, args.rounds)
+    report(args.source, args.out, args.iters, args.warmup, args.rounds, args.name)
 
 
 if __name__ == "__main__":

@@ -283,10 +283,16 @@ def test_pack_zeroes_weights_keeping_sizes_and_report_checks_targets(tmp_path):
     table = (out / "table.md").read_text()
     assert "| teacher (fp32) | byol/p | resnet18 | 0.8600 |" in table and (out / "pareto_latency.png").is_file()
 
+    # Two runs of a stage: one line asking for --name, which picks one.
+    planted_pipeline(tmp_path / "runs2", teacher_top1=0.80)
+    import shutil
+    shutil.copytree(tmp_path / "runs2/byol/p", tmp_path / "runs2/byol/other")
+    proc = run_cli(["bench/pipeline_report.py", str(tmp_path / "runs2"), "--out", str(tmp_path / "r2")])
+    assert proc.returncode != 0 and "two byol runs" in proc.stderr and "--name" in proc.stderr
     # A weak teacher and a lossy int8 model fail their targets.
-    root2 = planted_pipeline(tmp_path / "runs2", teacher_top1=0.80, int8_top1=0.83)
+    root2 = planted_pipeline(tmp_path / "runs2", teacher_top1=0.80, int8_top1=0.83)  # rewrites p, keeps other
     proc = run_cli(["bench/pipeline_report.py", str(root2), "--out", str(tmp_path / "r2"), "--iters", "1",
-                    "--warmup", "0"])
+                    "--warmup", "0", "--rounds", "1", "--name", "p"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     met = {what: passed for what, _, passed in json.loads((tmp_path / "r2/report.json").read_text())["targets"]}
     assert met["teacher probe top-1 >= 0.85"] is False and met["int8 >= pruned - 0.5 point"] is False
