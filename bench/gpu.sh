@@ -21,12 +21,22 @@
 #   learn-b         ResNet-18, 50 epochs, the project's pipeline, kNN top-1 on the carved val split
 #   learn-a         the same with the lightly-style pipeline (about 6 min at ~7k img/s)
 #                   -> learn-b.json, learn-a.json; `report` puts both in one table
+#   c10-smoke       configs/pipelines/cifar10.yaml end to end on synthetic 32px data, 1 epoch per
+#                   stage (~4 min): CUDA-path errors show here, not 20 minutes into the real run,
+#                   and its compiled kernels stay in the inductor cache for it   -> c10-smoke.log
+#   c10             the CIFAR-10 pipeline itself (~22 min, issue 7), detached from the call
+#                   (setsid): each call waits up to 9.5 min, then says "call again"; call it again
+#                   at once until it says done. Then -> c10.log, cifar10-artifacts.zip (every
+#                   artifact, weights zeroed: bench/pack_artifacts.py), c10-results.md
+#   Here, afterwards: python bench/pipeline_report.py bench/results/cifar10-artifacts.zip --out
+#                   bench/results/cifar10 measures the CPU rows on this machine; README table.
+#   Issue 7 needs a session of its own: setup + c10-smoke + c10 is about 27 of its 30 minutes.
 # A step whose JSON is already in bench/results/ is skipped (FORCE=1 runs it again). learn-a/-b
 # checkpoint every epoch under /tmp/byol-learn and stop themselves before the 10-minute limit
 # (timeout 560 s): if a step ends with "rerun to continue", call it again at once, while the
 # machine is still warm (it keeps /tmp for 30 s after a call; a fresh machine starts over).
 #
-# Device time: about 25 minutes for all steps (the session budget is 30): run them as few calls
+# Device time: about 25 minutes for the steps before c10 (the session budget is 30): as few calls
 # as the 10-minute limit allows, e.g. `bash bench/gpu.sh throughput-r18 && bash bench/gpu.sh
 # throughput-r50` in one call is about 8 minutes. Several steps may be named in one command.
 set -euo pipefail
@@ -40,7 +50,7 @@ LEARN_DIR=/tmp/byol-learn
 EPOCHS=${EPOCHS:-50}
 export PYTHONUNBUFFERED=1 WANDB_SILENT=true
 
-usage() { sed -n '2,31p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,41p' "$0"; exit "${1:-0}"; }
 
 prepare() {  # here, with network: what the GPU machine cannot fetch
   mkdir -p .gpu/whl
@@ -117,6 +127,41 @@ learn() {  # learn a|b
   fi
 }
 
+C10_ROOT=/tmp/c10
+C10_ARGS=(data.name=imagefolder data.cache_dir=/tmp/c10-cache track.mode=disabled engine.progress=false)
+
+c10_smoke() {
+  python3 -m launch pipeline configs/pipelines/cifar10.yaml run_root=/tmp/c10-smoke data.name=synthetic \
+    data.synthetic_size=2560 train.epochs=1 track.mode=disabled engine.progress=false 2>&1 | tee "$OUT/c10-smoke.log"
+}
+
+c10() {  # start (or find) the detached pipeline, follow it for up to 9.5 minutes
+  local log=$C10_ROOT.log pidfile=$C10_ROOT.pid waited=0
+  if [ -f $C10_ROOT/quant/cifar10/metrics.json ]; then
+    echo "gpu.sh: the pipeline is done"
+  elif [ -f $pidfile ] && kill -0 "$(cat $pidfile)" 2>/dev/null; then
+    echo "gpu.sh: the pipeline is running (pid $(cat $pidfile)); following it"
+  else  # first call, or a stopped run: the same command resumes from the checkpoints
+    echo "gpu.sh: starting the pipeline: log $log"
+    setsid nohup python3 -m launch pipeline configs/pipelines/cifar10.yaml run_root=$C10_ROOT \
+      data.root="$DATA" "${C10_ARGS[@]}" >>$log 2>&1 < /dev/null &
+    echo $! > $pidfile
+  fi
+  while kill -0 "$(cat $pidfile)" 2>/dev/null && [ $waited -lt 570 ]; do sleep 10; waited=$((waited + 10)); done
+  cp $log "$OUT/c10.log"
+  if [ ! -f $C10_ROOT/quant/cifar10/metrics.json ]; then
+    if kill -0 "$(cat $pidfile)" 2>/dev/null; then
+      tail -3 $log; echo "gpu.sh: c10 still running: call 'bash bench/gpu.sh c10' again at once"
+    else
+      tail -20 $log; echo "gpu.sh: c10 stopped before the end (log above); calling c10 again resumes it"
+    fi
+    return 1
+  fi
+  python3 bench/pack_artifacts.py $C10_ROOT "$OUT/cifar10-artifacts.zip"
+  python3 -m launch collect $C10_ROOT --out /tmp/c10-collect --cost latency && cp /tmp/c10-collect/results.md "$OUT/c10-results.md"
+  echo "gpu.sh: c10 done; here: python bench/pipeline_report.py bench/results/cifar10-artifacts.zip --out bench/results/cifar10"
+}
+
 [ $# -ge 1 ] || usage 1
 for step in "$@"; do
   case "$step" in
@@ -130,6 +175,8 @@ for step in "$@"; do
     imagefolder224) setup; imagefolder224 ;;
     learn-a) setup; learn a ;;
     learn-b) setup; learn b ;;
+    c10-smoke) setup; c10_smoke ;;
+    c10) setup; c10 ;;
     -h|--help|help|list) usage 0 ;;
     *) echo "gpu.sh: unknown step '$step'"; usage 1 ;;
   esac
