@@ -46,6 +46,9 @@ class OfflineRun:
     config: Dict[str, object] = field(default_factory=dict)
     history: List[Dict[str, object]] = field(default_factory=list)
     summary: Dict[str, object] = field(default_factory=dict)
+    # The run's exit record is in the file. W&B's writer is another process: for a moment after
+    # run.finish() returns (or while a job runs) the file can still lack its last records.
+    finished: bool = False
 
     def metric(self, key: str) -> List[object]:
         """Every logged value of `key`, in order."""
@@ -114,4 +117,6 @@ def read_run(path: str | Path) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "exit":
+            run.finished = True
     return run

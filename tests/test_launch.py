@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import statistics
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -582,8 +583,11 @@ def test_wandb_reader_reads_back_every_logged_value(tmp_path):
     run.finish()
 
     [path] = find_runs(tmp_path)
-    assert path.stat().st_size > 2 * BLOCK
-    got = read_run(path)
+    got, deadline = read_run(path), time.monotonic() + 60
+    while not got.finished and time.monotonic() < deadline:  # W&B's writer process may still be writing
+        time.sleep(0.1)
+        got = read_run(path)
+    assert got.finished and path.stat().st_size > 2 * BLOCK
     assert (got.run_id, got.group, got.project, got.name) == ("readback1", "g", "t", "n")
     assert got.config["big"] == big and got.config["lr"] == 0.1
     assert got.metric("train/loss") == [r["train/loss"] for r in logged]
@@ -595,6 +599,7 @@ def test_wandb_reader_reads_back_every_logged_value(tmp_path):
     data = path.read_bytes()
     torn.write_bytes(data[: len(data) - 100] + b"\x00" * 7)
     assert 0 < len(list(read_records(torn))) < len(list(read_records(path)))
+    assert not read_run(torn).finished
     bad = tmp_path / "bad.wandb"
     bad.write_bytes(b"not a wandb file")
     with pytest.raises(UserError, match="not a W&B run file"):

@@ -120,6 +120,16 @@ def reference_job(tmp_path_factory):
     return manifest, wait(manifest)
 
 
+def read_finished(path, timeout=60):
+    """read_run once the file holds the run's exit record: wandb-core writes it from another
+    process and may still be flushing when the job is reported done."""
+    run, deadline = read_run(path), time.monotonic() + timeout
+    while not run.finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = read_run(path)
+    return run
+
+
 def test_stage_job_writes_its_artifact_and_wandb_run(reference_job):
     manifest, states = reference_job
     assert_completed(manifest, states)
@@ -132,7 +142,7 @@ def test_stage_job_writes_its_artifact_and_wandb_run(reference_job):
 
     # The W&B offline run, read back with wandb's own protobuf classes, holds what the job logged.
     [path] = find_runs(run_dir)
-    run = read_run(path)
+    run = read_finished(path)
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert run.run_id == state["wandb_id"] and run.name == "byol/ref" and run.project == "byolc"
     assert run.config["train"]["epochs"] == 4
@@ -197,7 +207,7 @@ def test_requeue_and_usr2_resume_from_checkpoint_to_identical_weights(reference_
     run_id = torch.load(Path(term["jobs"][0]["run_dir"]) / "checkpoint.pt", weights_only=True)["wandb_id"]
     paths = find_runs(term["jobs"][0]["run_dir"])
     assert len(paths) == 2 and all(p.name == f"run-{run_id}.wandb" for p in paths)
-    resumed = read_run(paths[-1])
+    resumed = read_finished(paths[-1])
     assert resumed.run_id == run_id and resumed.name == "byol/term"
     assert [r["_step"] for r in resumed.history if "train/loss" in r][-1] == 24
 
