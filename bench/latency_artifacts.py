@@ -61,6 +61,21 @@ def measure(run_dir: Path, iters: int, warmup: int, image_size: int = 0) -> dict
     return row
 
 
+def measure_rounds(dirs: list, iters: int, warmup: int, rounds: int, image_size: int = 0) -> list:
+    """measure() of every dir once per round, `rounds` interleaved rounds; each timing is the
+    median round, and row["rounds"] keeps them all. Interleaved: on a shared 2-core machine one
+    model's timings drifted 2-3x between back-to-back runs, enough to flip a 15x comparison."""
+    runs = [[measure(d, iters, warmup, image_size) for d in dirs] for _ in range(rounds)]
+    rows = []
+    for i in range(len(dirs)):
+        row = dict(runs[0][i], rounds={})
+        for key in [k for k in runs[0][i] if k.endswith(("_b1", "_b32"))]:
+            row["rounds"][key] = [run[i][key] for run in runs]
+            row[key] = statistics.median(row["rounds"][key])
+        rows.append(row)
+    return rows
+
+
 def fmt(value, spec="{:.2f}"):
     return "-" if value is None else spec.format(value)
 
@@ -112,16 +127,11 @@ def main(argv=None) -> None:
     dirs = list(args.artifacts) + (make_demo(args.demo) if args.demo else [])
     if not dirs:
         parser.error("name artifact dirs, or --demo DIR")
-    # Interleaved rounds: on a shared machine one model's timings drift 2-3x from run to run.
-    rounds = [[measure(d, args.iters, args.warmup, args.image_size) for d in dirs] for _ in range(args.rounds)]
-    rows = []
-    for i in range(len(dirs)):
-        row = dict(rounds[0][i])
-        for key in [k for k in row if k[-3:] in ("_b1", "b32")]:
-            row[key] = statistics.median(r[i][key] for r in rounds)
-            if args.rounds > 1:
-                print(f"{dirs[i]} {key}: " + " / ".join(f"{r[i][key]:.2f}" for r in rounds) + " ms")
-        rows.append(row)
+    rows = measure_rounds(dirs, args.iters, args.warmup, args.rounds, args.image_size)
+    if args.rounds > 1:
+        for d, row in zip(dirs, rows):
+            for key, values in row["rounds"].items():
+                print(f"{d} {key}: " + " / ".join(f"{v:.2f}" for v in values) + " ms")
     print_table(rows)
 
 

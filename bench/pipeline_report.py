@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import zipfile
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from latency_artifacts import measure  # noqa: E402
+from latency_artifacts import measure_rounds  # noqa: E402
 
 from launch import collect as collect_mod  # noqa: E402
 
@@ -84,22 +83,14 @@ def unpack(source: Path, out: Path) -> Path:
 
 
 def measure_rows(dirs: dict, rows: dict, iters: int, warmup: int, rounds: int) -> None:
-    """CPU latency (median over `rounds` interleaved rounds of each model's median of `iters`
-    passes) and file size. Interleaved: on a shared 2-core machine the same model's timings
-    drifted 2-3x between back-to-back runs, which alone could flip a 15x target."""
-    timings = {stage: {"b1": [], "b32": []} for stage in dirs}
-    for r in range(rounds):
-        for stage, d in dirs.items():
-            measured = measure(d, iters, warmup)
-            kind = "int8" if "int8_b1" in measured else "fp32"
-            timings[stage]["b1"].append(measured[f"{kind}_b1"])
-            timings[stage]["b32"].append(measured[f"{kind}_b32"])
-            rows[stage].update(kind=kind, file_mb=measured[f"{kind}_mb"])
-            print(f"pipeline_report: round {r + 1}/{rounds} {rows[stage]['run']}: {kind} "
-                  f"{measured[f'{kind}_b1']:.2f} / {measured[f'{kind}_b32']:.2f} ms at batch 1 / 32", flush=True)
-    for stage, t in timings.items():
-        rows[stage].update(latency_ms_cpu_b1=statistics.median(t["b1"]), latency_ms_cpu_b32=statistics.median(t["b32"]),
-                           latency_rounds_b1=t["b1"], latency_rounds_b32=t["b32"])
+    """CPU latency and file size of each model as it ships: the int8 package where there is one."""
+    for (stage, d), m in zip(dirs.items(), measure_rounds(list(dirs.values()), iters, warmup, rounds)):
+        kind = "int8" if "int8_b1" in m else "fp32"
+        rows[stage].update(kind=kind, file_mb=m[f"{kind}_mb"], latency_ms_cpu_b1=m[f"{kind}_b1"],
+                           latency_ms_cpu_b32=m[f"{kind}_b32"], latency_rounds_b1=m["rounds"][f"{kind}_b1"],
+                           latency_rounds_b32=m["rounds"][f"{kind}_b32"])
+        print(f"pipeline_report: {rows[stage]['run']}: {kind} " + ", ".join(
+            f"batch {b}: {' / '.join(f'{v:.2f}' for v in m['rounds'][f'{kind}_b{b}'])} ms" for b in (1, 32)), flush=True)
 
 
 def report(source: Path, out: Path, iters: int = 20, warmup: int = 5, rounds: int = 3, name: str = "") -> dict:
