@@ -14,15 +14,14 @@ C=(data.name=synthetic data.synthetic_size=320 train.batch_size=64 train.epochs=
 if [ ! -f "$RUNS/quant/cifar10/metrics.json" ]; then  # the pipeline's own: 40% of the MACs, round_to 32
   python -m launch pipeline configs/pipelines/cifar10.yaml "${C[@]}"
 fi
-S=$RUNS
 for v in "r16-m50:prune.round_to=16 prune.target_macs_ratio=0.5" "r32-m50:prune.round_to=32 prune.target_macs_ratio=0.5" \
          "r32-m45:prune.round_to=32 prune.target_macs_ratio=0.45"; do
   name=${v%%:*}
   read -r -a extra <<< "${v#*:}"
   [ -f "$RUNS/prune/$name/metrics.json" ] || python -m prune configs/pipelines/cifar10.yaml "${C[@]}" name="$name" \
-    student="$S/distill/cifar10" teacher="$S/byol/cifar10" teacher_head="$S/probe/cifar10" "${extra[@]}"
+    student="$RUNS/distill/cifar10" teacher="$RUNS/byol/cifar10" teacher_head="$RUNS/probe/cifar10" "${extra[@]}"
   [ -f "$RUNS/quant/$name/metrics.json" ] || python -m quant configs/pipelines/cifar10.yaml "${C[@]}" name="$name" \
-    source="$RUNS/prune/$name" teacher="$S/byol/cifar10" teacher_head="$S/probe/cifar10" latency.enabled=false
+    source="$RUNS/prune/$name" teacher="$RUNS/byol/cifar10" teacher_head="$RUNS/probe/cifar10" latency.enabled=false
 done
 for d in "$RUNS"/prune/*; do  # the widths each variant kept
   python - "$d" <<'EOF'

@@ -96,8 +96,9 @@ class PruneConfig:
     # stage exports) fall off their fast path at batch 1 otherwise. Measured on the 2-core CPU
     # (AVX-512 VNNI): the quickstart's pruned ResNet-18 as int8 ran 45 ms at batch 1 with widths
     # like 40 and 104 (round_to=8), 2.7 ms at round_to=16; the CIFAR ResNet-18 pruned to half its
-    # MACs by configs/pipelines/cifar10.yaml's rehearsal ran 22-24 ms with widths 48, 144, 240
-    # (round_to=16) and 1.8-2.8 ms at round_to=32 (README, "CIFAR-10 end to end").
+    # MACs by configs/pipelines/cifar10.yaml's rehearsal ran 21-27 ms with widths 48, 144, 240
+    # (round_to=16) and 2.2-3.7 ms at round_to=32 (bench/prune_widths_cpu.sh; README, "CIFAR-10
+    # end to end").
     round_to: int = 32
     max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
     keep_embedding: bool = False  # True: the pooled embedding keeps its full width

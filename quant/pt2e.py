@@ -277,7 +277,7 @@ def export_package(converted: torch.fx.GraphModule, example: torch.Tensor, path:
             program = torch.export.export(converted, (example,), dynamic_shapes=({0: batch_dim()},))
             configs = {"freezing": True, "aot_inductor.metadata": {k: str(v) for k, v in (metadata or {}).items()}}
             if hasattr(torch._inductor.config.aot_inductor, "enable_line_tables"):
-                # On by default (torch 2.14): -g1 line tables, 1.3 of the quickstart package's 7.4 MB,
+                # On by default (torch 2.14): -g1 line tables, 1.2 of the quickstart package's 7.4 MB,
                 # for profilers' symbolisation only.
                 configs["aot_inductor.enable_line_tables"] = False
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)

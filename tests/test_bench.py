@@ -249,8 +249,6 @@ def planted_pipeline(root, teacher_top1=0.86, int8_top1=0.845):
 
 
 def test_pack_zeroes_weights_keeping_sizes_and_report_checks_targets(tmp_path):
-    import torch
-
     from core import checkpoint as ckpt
 
     root = planted_pipeline(tmp_path / "runs")
