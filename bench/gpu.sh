@@ -28,7 +28,8 @@
 #   c10             the CIFAR-10 pipeline itself (~22 min, issue 7), detached from the call
 #                   (setsid): each call waits up to 9.5 min, then says "call again"; call it again
 #                   at once until it says done. Then -> c10.log, cifar10-artifacts.zip (every
-#                   artifact, weights zeroed: bench/pack_artifacts.py), c10-results.md
+#                   artifact, weights zeroed: bench/pack_artifacts.py), c10-results.md; a call that
+#                   ends before the pipeline does brings back the stages finished so far
 #   Here, afterwards: python bench/pipeline_report.py bench/results/cifar10-artifacts.zip --out
 #                   bench/results/cifar10 measures the CPU rows on this machine; README table.
 #   Issue 7 needs a session of its own: setup + c10-smoke + c10 is about 27 of its 30 minutes.
@@ -51,7 +52,7 @@ LEARN_DIR=/tmp/byol-learn
 EPOCHS=${EPOCHS:-50}
 export PYTHONUNBUFFERED=1 WANDB_SILENT=true
 
-usage() { sed -n '2,41p' "$0"; exit "${1:-0}"; }
+usage() { awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; exit "${1:-0}"; }  # the header above
 
 prepare() {  # here, with network: what the GPU machine cannot fetch
   mkdir -p .gpu/whl
@@ -156,6 +157,8 @@ c10() {  # start (or find) the detached pipeline, follow it for up to 9.5 minute
   while kill -0 "$(cat $pidfile)" 2>/dev/null && [ $waited -lt 570 ]; do sleep 10; waited=$((waited + 10)); done
   cp $log "$OUT/c10.log"
   if [ ! -f $C10_ROOT/quant/cifar10/metrics.json ]; then
+    # The machine may be gone before the next call: bring back every stage finished so far.
+    python3 bench/pack_artifacts.py $C10_ROOT "$OUT/cifar10-artifacts.zip" || true
     if kill -0 "$(cat $pidfile)" 2>/dev/null; then
       tail -3 $log; echo "gpu.sh: c10 still running: call 'bash bench/gpu.sh c10' again at once"
     else
