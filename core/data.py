@@ -82,8 +82,11 @@ def carve_validation(n: int, fraction: float, seed: int) -> Tuple[torch.Tensor, 
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def channel_stats(images: torch.Tensor) -> Tuple[tuple, tuple]:
-    x = images[: 10000].float().div_(255)
+def channel_stats(images: torch.Tensor, most: int = 10000) -> Tuple[tuple, tuple]:
+    # Spread over the whole set: an image folder is sorted by class, and its first 10,000
+    # (CIFAR-10: airplanes and cars) gave a blue mean of 0.508 instead of 0.447.
+    index = torch.linspace(0, len(images) - 1, min(len(images), most)).round().long()
+    x = images[index].float().div_(255)
     return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
 

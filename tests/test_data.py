@@ -89,3 +89,12 @@ def test_missing_dataset_path_is_a_clear_error(name, root):
 def test_batch_larger_than_dataset_is_a_clear_error():
     with pytest.raises(UserError, match="train.batch_size=512 is larger"):
         datalib.steps_per_epoch(100, 512)
+
+
+def test_channel_stats_cover_a_class_sorted_set():
+    # An image folder is sorted by class: a dark class first, then a bright one.
+    images = torch.cat([torch.full((30000, 3, 2, 2), 50, dtype=torch.uint8),
+                        torch.full((30000, 3, 2, 2), 200, dtype=torch.uint8)])
+    mean, std = datalib.channel_stats(images)
+    assert mean == pytest.approx((125 / 255,) * 3, abs=0.01)
+    assert std == pytest.approx((75 / 255,) * 3, abs=0.01)
