@@ -203,8 +203,16 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = "x86") -
 
     model.train()
     with torch.random.fork_rng():  # torchao draws pattern example inputs from the global RNG
-        graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},)).module()
-        return prepare_qat_pt2e(graph, make_quantizer(backend))
+        # strict=True (TorchDynamo): the quantizer finds convs and linears by the nodes'
+        # source_fn_stack, which only strict export records. torch 2.13+ also matches by
+        # nn_module_stack; with torch 2.11's default (non-strict) export it annotated nothing and
+        # the "int8" model stayed fp32.
+        graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},), strict=True).module()
+        prepared = prepare_qat_pt2e(graph, make_quantizer(backend))
+    if not any(name.startswith("activation_post_process") for name, _ in prepared.named_children()):
+        raise RuntimeError(f"the {backend} quantizer inserted no fake-quant into the exported graph "
+                           f"(torch {torch.__version__}): nothing would be quantised")
+    return prepared
 
 
 def freeze_observers(prepared: torch.fx.GraphModule) -> None:
