@@ -6,6 +6,8 @@
 #                                 torch-pruning, torchao, kornia wheels for Python 3.12) and
 #                                 .gpu/cifar10-train.zip (../shared/data/cifar10/train): 66 MB with
 #                                 the tracked files, under the 64 MiB (67.1 MB) a device call may carry
+#   bash bench/device_env_cpu.sh quant-tests quickstart c10 bench
+#                                 HERE, optional: the same software (torch 2.11, these wheels) on the CPU
 #   bash bench/gpu.sh STEP        ON THE GPU MACHINE: device `run`, carry [".gpu"], command
 #                                 `bash bench/gpu.sh STEP`; copy what comes back into bench/results/
 #   bash bench/gpu.sh report      anywhere: the README tables from bench/results/*.json

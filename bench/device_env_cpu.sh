@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Rehearse a GPU session's software on the CPU, before a GPU is lent: the device image's Python
+# 3.12, torch 2.11.0 and torchvision 0.26.0 (/work/.library/device/KINDS.md) in a venv, the wheels
+# bench/gpu.sh carries installed the way its `setup` installs them (--no-deps --target), W&B
+# absent as there, and the project run from a plain checkout (not pip-installed), as there.
+# What breaks here would break 20 minutes into a GPU session. It found one such failure:
+# torch 2.11's non-strict export left the x86 quantizer nothing to annotate (quant/pt2e.py).
+#
+#   bash bench/device_env_cpu.sh env           # the venv and site (~2 min; 5 GB, torch's CUDA wheel)
+#   bash bench/device_env_cpu.sh quant-tests   # tests/test_quant.py there (~3 min)
+#   bash bench/device_env_cpu.sh quickstart    # the quickstart pipeline there (~5 min): the README's numbers
+#   bash bench/device_env_cpu.sh c10           # configs/pipelines/cifar10.yaml on synthetic images (~6 min)
+#   bash bench/device_env_cpu.sh bench         # every byol_throughput.py mode gpu.sh runs, toy-sized (~2 min)
+# Several steps may be named in one call; each runs `env` first (idempotent). Runs go to $WORK.
+set -euo pipefail
+trap 'echo "device_env_cpu.sh: failed at line $LINENO: $BASH_COMMAND"' ERR
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+WORK=${WORK:-/tmp/device-env}
+VENV=$WORK/venv SITE=$WORK/site
+PY=${PY:-python3.12}
+export PYTHONUNBUFFERED=1 WANDB_SILENT=true
+
+env_() {
+  if [ ! -x $VENV/bin/python ]; then
+    $PY -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null \
+      || { echo "device_env_cpu.sh: needs Python 3.12 (PY=..., e.g. PY='env PYENV_VERSION=3.12.1 python3.12')"; exit 2; }
+    $PY -m venv $VENV
+    # The device image's own packages that the project uses (torch's CUDA build runs on the CPU too).
+    $VENV/bin/pip install -q torch==2.11.0 torchvision==0.26.0 numpy scikit-learn matplotlib \
+      pyyaml tqdm einops pillow pytorch-lightning requests cloudpickle psutil protobuf pytest
+  fi
+  if [ ! -d $SITE/lightly ]; then
+    [ -d .gpu/whl ] || bash bench/gpu.sh prepare
+    $VENV/bin/python -m pip install -q --no-index --no-deps --no-compile --target $SITE .gpu/whl/*.whl
+  fi
+  PYRUN=(env PYTHONPATH=$SITE $VENV/bin/python)
+  "${PYRUN[@]}" -c 'import torch, torchvision, lightly, torchao; print("device_env_cpu.sh: torch", torch.__version__,
+    "torchvision", torchvision.__version__, "lightly", lightly.__version__, "torchao", torchao.__version__)' 2>&1 | tail -1
+}
+
+# A plain copy of the tracked files, as a device call gets (no egg-info, no caches).
+checkout() { rm -rf $WORK/repo && mkdir -p $WORK/repo && git ls-files -z | xargs -0 tar c | tar x -C $WORK/repo; }
+
+small_cifar() {  # 40 images a class of ../shared/data/cifar10/train, linked
+  [ -f $WORK/c10small/.done ] && return 0
+  local src=$REPO/../shared/data/cifar10/train files
+  rm -rf $WORK/c10small
+  for c in "$src"/*/; do
+    c=$(basename "$c"); mkdir -p $WORK/c10small/$c
+    mapfile -t files < <(find "$src/$c" -name '*.jpg' | sort)
+    ln -s "${files[@]:0:40}" $WORK/c10small/$c/
+  done
+  touch $WORK/c10small/.done
+}
+
+[ $# -ge 1 ] || { sed -n '2,16p' "$0"; exit 1; }
+for step in "$@"; do
+  env_
+  checkout
+  cd $WORK/repo
+  case "$step" in
+    env) ;;
+    quant-tests) "${PYRUN[@]}" -m pytest -q -p no:cacheprovider tests/test_quant.py ;;
+    quickstart)
+      rm -rf $WORK/qs
+      "${PYRUN[@]}" -m launch pipeline configs/quickstart.yaml run_root=$WORK/qs track.mode=disabled engine.progress=false ;;
+    c10)  # what gpu.sh c10-smoke runs, at CPU size (the arguments of bench/prune_widths_cpu.sh)
+      rm -rf $WORK/c10
+      "${PYRUN[@]}" -m launch pipeline configs/pipelines/cifar10.yaml run_root=$WORK/c10 data.name=synthetic \
+        data.synthetic_size=320 train.batch_size=64 train.epochs=1 track.mode=disabled eval.probe_epochs=5 \
+        engine.progress=false
+      "${PYRUN[@]}" bench/pack_artifacts.py $WORK/c10 $WORK/c10-artifacts.zip ;;
+    bench)
+      small_cifar
+      B=("${PYRUN[@]}" bench/byol_throughput.py --device cpu --data $WORK/c10small --cache-dir $WORK/cache)
+      "${B[@]}" --archs resnet18 --batch-size 32 --steps 1 --warmup 1 --workers 2 --out $WORK/throughput.json
+      "${B[@]}" --augment --batch-size 64 --batch-size-224 8 --steps 2 --warmup 1 --augment-rounds 1 \
+        --stats-images 64 --stats-rounds 1 --out $WORK/augment.json
+      "${PYRUN[@]}" bench/make_imagenet_shaped.py $WORK/c10small $WORK/in224 --size 256 --per-class 4
+      "${PYRUN[@]}" bench/byol_throughput.py --device cpu --imagefolder-224 $WORK/in224 --archs resnet50 \
+        --pipelines a,b,c --batch-size-224 4 --steps 1 --warmup 1 --workers 2 --out $WORK/imagefolder224.json
+      rm -rf $WORK/learn
+      for p in b a; do
+        "${B[@]}" --archs resnet18 --batch-size 32 --workers 2 --learn-epochs 1 --learn-pipelines $p \
+          --learn-dir $WORK/learn --out $WORK/learn-$p.json
+      done
+      "${PYRUN[@]}" bench/byol_throughput.py --report $WORK/throughput.json $WORK/augment.json \
+        $WORK/imagefolder224.json $WORK/learn-*.json ;;
+    *) echo "device_env_cpu.sh: unknown step '$step'"; sed -n '2,16p' "$0"; exit 1 ;;
+  esac
+  cd "$REPO"
+done
