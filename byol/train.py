@@ -104,8 +104,12 @@ def build_networks(cfg: Config, device: torch.device, dist: engine.Dist) -> Netw
     deactivate_requires_grad(target)
     online_step = online
     if dist.world_size > 1:
+        # broadcast_buffers=False: the step calls DDP twice (one view each) before one backward,
+        # and rank 0's BN statistics copied in place at the second call broke that backward with
+        # torch 2.11 ("modified by an inplace operation"). Training BN normalises with the batch's
+        # own statistics, and rank 0 alone evaluates and saves, so nothing it computes changes.
         online_step = nn.parallel.DistributedDataParallel(
-            online, device_ids=[device.index] if device.type == "cuda" else None)
+            online, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return Networks(online, target, engine.maybe_compile(online_step, cfg.engine, device),
                     engine.maybe_compile(target, cfg.engine, device),
                     list(target.parameters()), list(source.parameters()),

@@ -358,8 +358,8 @@ def test_two_task_ddp_job_matches_one_process_on_the_same_global_batch(tmp_path)
 
     Compared after 2 steps: this tiny BYOL amplifies float rounding fast (1 vs 2 threads of the
     same single-process run differ by 1e-7 after 2 steps, 2e-5 after 3 and 6e-4 after 4), so a
-    longer run would test chaos, not DDP. BatchNorm running statistics are not compared: DDP
-    broadcasts rank 0's each forward, so they follow rank 0's shard only. The naive reference
+    longer run would test chaos, not DDP. BatchNorm running statistics are not compared: each
+    rank keeps its own (broadcast_buffers=False), so rank 0's follow its shard only. The naive reference
     (BatchNorm over the global batch) must differ by far more than the tolerance, so the test
     can tell per-rank BN from global BN, and a rank that trained alone from both.
     """
