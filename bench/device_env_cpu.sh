@@ -3,14 +3,17 @@
 # 3.12, torch 2.11.0 and torchvision 0.26.0 (/work/.library/device/KINDS.md) in a venv, the wheels
 # bench/gpu.sh carries installed the way its `setup` installs them (--no-deps --target), W&B
 # absent as there, and the project run from a plain checkout (not pip-installed), as there.
-# What breaks here would break 20 minutes into a GPU session. It found one such failure:
-# torch 2.11's non-strict export left the x86 quantizer nothing to annotate (quant/pt2e.py).
+# What breaks here would break 20 minutes into a GPU session. It found two such failures under
+# torch 2.11: non-strict export left the x86 quantizer nothing to annotate (quant/pt2e.py), and
+# DDP's BN buffer broadcast broke BYOL's backward (byol/train.py: broadcast_buffers=False).
 #
 #   bash bench/device_env_cpu.sh env           # the venv and site (~2 min; 5 GB, torch's CUDA wheel)
 #   bash bench/device_env_cpu.sh quant-tests   # tests/test_quant.py there (~3 min)
 #   bash bench/device_env_cpu.sh quickstart    # the quickstart pipeline there (~5 min): the README's numbers
 #   bash bench/device_env_cpu.sh c10           # configs/pipelines/cifar10.yaml on synthetic images (~6 min)
 #   bash bench/device_env_cpu.sh bench         # every byol_throughput.py mode gpu.sh runs, toy-sized (~2 min)
+#   bash bench/device_env_cpu.sh tests         # the whole suite under torch 2.11 (~8 min; W&B and
+#                                              # import-linter added for it, in a site of their own)
 # Several steps may be named in one call; each runs `env` first (idempotent). Runs go to $WORK.
 set -euo pipefail
 trap 'echo "device_env_cpu.sh: failed at line $LINENO: $BASH_COMMAND"' ERR
@@ -54,7 +57,8 @@ small_cifar() {  # 40 images a class of ../shared/data/cifar10/train, linked
   touch $WORK/c10small/.done
 }
 
-[ $# -ge 1 ] || { sed -n '2,16p' "$0"; exit 1; }
+usage() { awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; }  # the header above
+[ $# -ge 1 ] || { usage; exit 1; }
 for step in "$@"; do
   env_
   checkout
@@ -62,6 +66,9 @@ for step in "$@"; do
   case "$step" in
     env) ;;
     quant-tests) "${PYRUN[@]}" -m pytest -q -p no:cacheprovider tests/test_quant.py ;;
+    tests)
+      [ -d $WORK/site-tests/wandb ] || $VENV/bin/pip install -q --target $WORK/site-tests wandb import-linter
+      env PYTHONPATH=$WORK/site-tests:$SITE $VENV/bin/python -m pytest -q -p no:cacheprovider ;;
     quickstart)
       rm -rf $WORK/qs
       "${PYRUN[@]}" -m launch pipeline configs/quickstart.yaml run_root=$WORK/qs track.mode=disabled engine.progress=false ;;
@@ -87,7 +94,7 @@ for step in "$@"; do
       done
       "${PYRUN[@]}" bench/byol_throughput.py --report $WORK/throughput.json $WORK/augment.json \
         $WORK/imagefolder224.json $WORK/learn-*.json ;;
-    *) echo "device_env_cpu.sh: unknown step '$step'"; sed -n '2,16p' "$0"; exit 1 ;;
+    *) echo "device_env_cpu.sh: unknown step '$step'"; usage; exit 1 ;;
   esac
   cd "$REPO"
 done
