@@ -10,7 +10,8 @@
 #   bash bench/device_env_cpu.sh env           # the venv and site (~2 min; 5 GB, torch's CUDA wheel)
 #   bash bench/device_env_cpu.sh quant-tests   # tests/test_quant.py there (~3 min)
 #   bash bench/device_env_cpu.sh quickstart    # the quickstart pipeline there (~5 min): the README's numbers
-#   bash bench/device_env_cpu.sh c10           # configs/pipelines/cifar10.yaml on synthetic images (~6 min)
+#   bash bench/device_env_cpu.sh c10           # configs/pipelines/cifar10.yaml on synthetic images (~5 min)
+#   bash bench/device_env_cpu.sh c10-compiled  # the same with torch.compile and bf16, as on CUDA (~7 min)
 #   bash bench/device_env_cpu.sh bench         # every byol_throughput.py mode gpu.sh runs, toy-sized (~2 min)
 #   bash bench/device_env_cpu.sh tests         # the whole suite under torch 2.11 (~8 min; W&B and
 #                                              # import-linter added for it, in a site of their own)
@@ -72,12 +73,13 @@ for step in "$@"; do
     quickstart)
       rm -rf $WORK/qs
       "${PYRUN[@]}" -m launch pipeline configs/quickstart.yaml run_root=$WORK/qs track.mode=disabled engine.progress=false ;;
-    c10)  # what gpu.sh c10-smoke runs, at CPU size (the arguments of bench/prune_widths_cpu.sh)
-      rm -rf $WORK/c10
-      "${PYRUN[@]}" -m launch pipeline configs/pipelines/cifar10.yaml run_root=$WORK/c10 data.name=synthetic \
+    c10|c10-compiled)  # what gpu.sh c10-smoke runs, at CPU size (the arguments of bench/prune_widths_cpu.sh)
+      extra=(); [ "$step" = c10-compiled ] && extra=(engine.compile=always engine.precision=bf16)  # CUDA's defaults
+      rm -rf "${WORK:?}/$step"
+      "${PYRUN[@]}" -m launch pipeline configs/pipelines/cifar10.yaml run_root=$WORK/$step data.name=synthetic \
         data.synthetic_size=320 train.batch_size=64 train.epochs=1 track.mode=disabled eval.probe_epochs=5 \
-        engine.progress=false
-      "${PYRUN[@]}" bench/pack_artifacts.py $WORK/c10 $WORK/c10-artifacts.zip ;;
+        engine.progress=false "${extra[@]}"
+      "${PYRUN[@]}" bench/pack_artifacts.py $WORK/$step $WORK/$step-artifacts.zip ;;
     bench)
       small_cifar
       B=("${PYRUN[@]}" bench/byol_throughput.py --device cpu --data $WORK/c10small --cache-dir $WORK/cache)
