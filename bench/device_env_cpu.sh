@@ -15,7 +15,7 @@
 #   bash bench/device_env_cpu.sh bench         # every byol_throughput.py mode gpu.sh runs, toy-sized (~2 min)
 #   bash bench/device_env_cpu.sh tests         # the whole suite under torch 2.11 (~8 min; W&B and
 #                                              # import-linter added for it, in a site of their own)
-# Several steps may be named in one call; each runs `env` first (idempotent). Runs go to $WORK.
+# Several steps may be named in one call; `env` (idempotent) and a fresh checkout come first. Runs go to $WORK.
 set -euo pipefail
 trap 'echo "device_env_cpu.sh: failed at line $LINENO: $BASH_COMMAND"' ERR
 cd "$(dirname "$0")/.."
@@ -59,11 +59,15 @@ small_cifar() {  # 40 images a class of ../shared/data/cifar10/train, linked
 }
 
 usage() { awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; }  # the header above
+STEPS=" env quant-tests tests quickstart c10 c10-compiled bench "
 [ $# -ge 1 ] || { usage; exit 1; }
+for step in "$@"; do  # a misspelt step stops here, not after the venv is built
+  [[ "$STEPS" == *" $step "* ]] || { echo "device_env_cpu.sh: unknown step '$step'"; usage; exit 1; }
+done
+env_
+checkout
+cd $WORK/repo
 for step in "$@"; do
-  env_
-  checkout
-  cd $WORK/repo
   case "$step" in
     env) ;;
     quant-tests) "${PYRUN[@]}" -m pytest -q -p no:cacheprovider tests/test_quant.py ;;
@@ -96,7 +100,5 @@ for step in "$@"; do
       done
       "${PYRUN[@]}" bench/byol_throughput.py --report $WORK/throughput.json $WORK/augment.json \
         $WORK/imagefolder224.json $WORK/learn-*.json ;;
-    *) echo "device_env_cpu.sh: unknown step '$step'"; usage; exit 1 ;;
   esac
-  cd "$REPO"
 done
