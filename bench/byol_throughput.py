@@ -34,9 +34,10 @@ Other modes (one per call):
                          byol.train.run (checkpoint.pt), a checkpoints every epoch.
   --augment              the two-view augmentation alone, views/s: core.augment (hand-written,
                          batched; eager and torch.compile'd) against kornia.augmentation with the
-                         same definition (per-sample parameters, BYOL's fixed jitter order), at
+                         same definition (per-sample parameters, BYOL's fixed jitter order) and
+                         against pipeline (a)'s lightly BYOLTransform on PIL (one process), at
                          32 px from the decoded data and at 224 px from 256 px uint8 batches; plus
-                         the per-channel mean/std of both implementations' views of the same
+                         the per-channel mean/std of each implementation's views of the same
                          images, which must agree (same distribution). DESIGN.md asks for the
                          comparison: the faster one is the project's (README, "Augmentation").
   --report FILE...       reads JSON files written by the modes above; prints the Markdown table.
@@ -367,9 +368,29 @@ def throughput(args, device, archs, recipe_of, extra, pipelines) -> dict:
 
 # ----------------------------------------------------------------------------- augmentation alone
 
-AUGMENTS = ("project", "project_compiled", "kornia")
+AUGMENTS = ("project", "project_compiled", "kornia", "lightly")
 AUG_LABELS = {"project": "core.augment eager", "project_compiled": "core.augment compiled",
-              "kornia": "kornia.augmentation"}
+              "kornia": "kornia.augmentation", "lightly": "lightly BYOLTransform (PIL, 1 process)"}
+STATS_OF = ("project", "kornia", "lightly")  # compiled views = eager ones (tested): no stats of their own
+
+
+def lightly_two_views(aug: AugmentConfig, size: int, mean, std, seed: int = 0):
+    """Pipeline (a)'s views: lightly's BYOLTransform on one PIL image at a time, as a DataLoader
+    worker runs it (here in this process). lightly's blur and solarization draw from numpy,
+    torchvision's ops from torch: both seeded, so a run is repeatable."""
+    import random
+
+    import numpy as np
+    from torchvision.transforms.functional import to_pil_image
+
+    transform = lightly_transform(aug, size, mean, std)
+    random.seed(seed), np.random.seed(seed)
+
+    def views(images):
+        pairs = [transform(to_pil_image(image)) for image in images.cpu()]
+        return tuple(torch.stack(v).to(images.device) for v in zip(*pairs))
+
+    return views
 
 
 def kornia_two_views(aug: AugmentConfig, size: int, mean, std, device):
@@ -413,6 +434,8 @@ def project_two_views(aug: AugmentConfig, size: int, mean, std, device, compiled
 def make_augment(name: str, aug: AugmentConfig, size: int, mean, std, device):
     if name == "kornia":
         return kornia_two_views(aug, size, mean, std, device)
+    if name == "lightly":
+        return lightly_two_views(aug, size, mean, std)
     return project_two_views(aug, size, mean, std, device, compiled=name == "project_compiled")
 
 
@@ -483,14 +506,18 @@ def augment_only(args, device, names) -> dict:
             per_round = sorted(run["img_per_s"] for run in runs)
             median = per_round[len(per_round) // 2]
             row[name] = {**next(run for run in runs if run["img_per_s"] == median), "rounds": per_round}
-            if source_size is None and name in ("project", "kornia"):  # compiled views = eager ones (tested)
+            if source_size is None and name in STATS_OF:
                 torch.manual_seed(0)
                 views = make_augment(name, cfg.aug, size, splits.mean, splits.std, device)
                 row[name]["stats"] = view_statistics(views, images[order[:args.stats_images].to(device)],
                                                      args.stats_rounds, batch_size)
-        if "project" in row and "kornia" in row:
-            row["kornia_over_project"] = row["kornia"]["img_per_s"] / row["project"]["img_per_s"]
-            row["stats_max_abs_diff"] = max_stat_difference(row["project"].get("stats"), row["kornia"].get("stats"))
+        for other in ("kornia", "lightly"):
+            if "project" in row and other in row:
+                row[f"{other}_over_project"] = row[other]["img_per_s"] / row["project"]["img_per_s"]
+                diff = max_stat_difference(row["project"].get("stats"), row[other].get("stats"))
+                row[f"{other}_stats_max_abs_diff"] = diff
+                if other == "kornia":
+                    row["stats_max_abs_diff"] = diff  # the name JSON files from before lightly's column use
         results[f"{size}px"] = row
     return results
 
@@ -505,12 +532,15 @@ def max_stat_difference(a, b):
 
 def print_augment(results: dict) -> None:
     print("\nTwo-view augmentation alone, images/s (two views each)\n")
-    print("| px | batch | " + " | ".join(AUG_LABELS[n] for n in AUGMENTS) + " | kornia / eager | max |stat diff| |")
-    print("|---|---|" + "---|" * len(AUGMENTS) + "---|---|")
+    print("| px | batch | " + " | ".join(AUG_LABELS[n] for n in AUGMENTS)
+          + " | kornia / eager | lightly / eager | max abs stat diff to eager: kornia, lightly |")
+    print("|---|---|" + "---|" * len(AUGMENTS) + "---|---|---|")
     for row in results.values():
         cells = [fmt(row.get(n, {}).get("img_per_s")) for n in AUGMENTS]
+        kornia_diff = row.get("kornia_stats_max_abs_diff", row.get("stats_max_abs_diff"))
         print(f"| {row['image_size']} | {row['batch_size']} | " + " | ".join(cells)
-              + f" | {fmt(row.get('kornia_over_project'), '{:.2f}')} | {fmt(row.get('stats_max_abs_diff'), '{:.3f}')} |")
+              + f" | {fmt(row.get('kornia_over_project'), '{:.2f}')} | {fmt(row.get('lightly_over_project'), '{:.2f}')}"
+              + f" | {fmt(kornia_diff, '{:.3f}')}, {fmt(row.get('lightly_stats_max_abs_diff'), '{:.3f}')} |")
 
 
 # ----------------------------------------------------------------------------- learning

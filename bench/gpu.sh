@@ -120,7 +120,9 @@ imagefolder224() {
 
 augment() {
   done_already augment && return 0
-  bench --augment --data "$DATA" --batch-size 512 --batch-size-224 256 --steps 20 --warmup 10 --augment-rounds 5 \
+  # lightly's PIL views (one process) are a CPU figure: README, "The augmentation"
+  bench --augment --augments project,project_compiled,kornia --data "$DATA" --batch-size 512 --batch-size-224 256 \
+    --steps 20 --warmup 10 --augment-rounds 5 \
     --out "$OUT/augment.json" 2>&1 | tee "$OUT/augment.log"
 }
 
