@@ -1,0 +1,52 @@
+"""The README points at things that exist: every file path it names, every `python -m` module,
+every `bench/gpu.sh` step. A renamed config or script breaks this test, not a newcomer's first
+command."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+TOP = ("configs", "bench", "scripts", "tests", "core", "byol", "distill", "prune", "quant", "launch", "probe",
+       "finetune")
+
+
+def readme_paths():
+    """Repository paths in the README: a top-level folder, then a file name with an extension."""
+    pattern = r"(?<![\w./-])((?:%s)/[\w./-]*\w\.(?:py|yaml|sh|md|toml))" % "|".join(TOP)
+    return sorted(set(re.findall(pattern, README)))
+
+
+def gpu_sh_steps():
+    text = (REPO / "bench" / "gpu.sh").read_text()
+    case = text[text.index('case "$step" in'):]
+    return set(re.findall(r"^\s+([\w-]+)\)", case, flags=re.M))
+
+
+def test_every_path_in_the_readme_exists():
+    paths = readme_paths()
+    assert len(paths) > 20, paths  # the pattern still finds the README's paths
+    missing = [p for p in paths if not (REPO / p.split("::")[0]).exists()]
+    assert not missing, f"README names files that do not exist: {missing}"
+
+
+def test_every_python_module_in_the_readme_runs_as_a_module():
+    modules = set(re.findall(r"python -m ([\w.]+)", README)) - {"pytest", "pip", "zipfile"}
+    assert {"byol", "probe", "distill", "prune", "quant", "launch"} <= modules
+    missing = [m for m in modules if not (REPO / m.replace(".", "/") / "__main__.py").exists()]
+    assert not missing, f"README runs modules without a __main__.py: {missing}"
+
+
+def test_every_gpu_sh_step_in_the_readme_is_one_gpu_sh_knows():
+    steps = gpu_sh_steps()
+    assert {"setup", "c10", "throughput-r18", "learn-a"} <= steps
+    named = set()
+    for call in re.findall(r"bash bench/gpu\.sh ([\w -]+)", README):
+        named |= set(call.split())
+    for cell in re.findall(r"^\|[^|\n]+\|[^|\n]+\| (`[^|\n]+`[^|\n]*)\|$", README, flags=re.M):
+        if "gpu.sh" not in cell:  # the table's header names the script, its rows the steps
+            named |= set(re.findall(r"[\w-]+", " ".join(re.findall(r"`([^`]+)`", cell))))
+    named -= {"then", "until", "done"}
+    assert {"c10-smoke", "imagefolder224", "tests-gpu"} <= named  # the table's steps were read
+    unknown = sorted(named - steps)
+    assert not unknown, f"README names gpu.sh steps that gpu.sh does not have: {unknown}"
