@@ -514,10 +514,8 @@ def augment_only(args, device, names) -> dict:
         for other in ("kornia", "lightly"):
             if "project" in row and other in row:
                 row[f"{other}_over_project"] = row[other]["img_per_s"] / row["project"]["img_per_s"]
-                diff = max_stat_difference(row["project"].get("stats"), row[other].get("stats"))
-                row[f"{other}_stats_max_abs_diff"] = diff
-                if other == "kornia":
-                    row["stats_max_abs_diff"] = diff  # the name JSON files from before lightly's column use
+                row[f"{other}_stats_max_abs_diff"] = max_stat_difference(row["project"].get("stats"),
+                                                                         row[other].get("stats"))
         results[f"{size}px"] = row
     return results
 
@@ -537,10 +535,9 @@ def print_augment(results: dict) -> None:
     print("|---|---|" + "---|" * len(AUGMENTS) + "---|---|---|")
     for row in results.values():
         cells = [fmt(row.get(n, {}).get("img_per_s")) for n in AUGMENTS]
-        kornia_diff = row.get("kornia_stats_max_abs_diff", row.get("stats_max_abs_diff"))
-        print(f"| {row['image_size']} | {row['batch_size']} | " + " | ".join(cells)
-              + f" | {fmt(row.get('kornia_over_project'), '{:.2f}')} | {fmt(row.get('lightly_over_project'), '{:.2f}')}"
-              + f" | {fmt(kornia_diff, '{:.3f}')}, {fmt(row.get('lightly_stats_max_abs_diff'), '{:.3f}')} |")
+        ratios = [fmt(row.get(f"{o}_over_project"), "{:.2f}") for o in ("kornia", "lightly")]
+        diffs = [fmt(row.get(f"{o}_stats_max_abs_diff"), "{:.3f}") for o in ("kornia", "lightly")]
+        print(f"| {row['image_size']} | {row['batch_size']} | " + " | ".join(cells + ratios) + f" | {', '.join(diffs)} |")
 
 
 # ----------------------------------------------------------------------------- learning
