@@ -228,6 +228,9 @@ def check_choices(cfg: Any, prefix: str = "") -> None:
         if is_dataclass(value):
             check_choices(value, key + ".")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            if isinstance(value, str) and value.lower() in f.metadata["choices"]:
+                setattr(cfg, f.name, value.lower())  # YAML's true/false reach a str field as "True"/"False"
+                continue
             raise UserError(f"bad value for '{key}': {value!r}; choices: {', '.join(f.metadata['choices'])}")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from lightly.utils.scheduler import cosine_warmup_schedule
 
 from core import checkpoint as ckpt
@@ -295,13 +296,20 @@ def run(cfg: Config) -> Path:
 
 
 def teacher_agreement(distiller: Distiller, splits, cfg: Config, device, bf16: bool) -> dict:
-    """Linear CKA of student vs teacher pooled features on the val split, and the teacher's
-    own probe top-1 there (when it has a head), so a table shows what the student kept."""
+    """Linear CKA of student vs teacher pooled features on the val split, the mean cosine of the
+    projected student embedding to the teacher's there (`embed_cosine_val`, when a projector was
+    trained), and the teacher's own probe top-1 (when it has a head): what the student kept."""
     feats = {}
     for name, net in (("student", distiller.student), ("teacher", distiller.teacher)):
         feats[name] = extract_features(net, splits.val.images, splits.mean, splits.std, splits.image_size,
                                        device, cfg.eval.feature_batch_size, bf16)
     out = {"cka_teacher": linear_cka(feats["student"], feats["teacher"])}
+    if distiller.projector is not None:  # what `embed` optimises, on images it never trained on
+        was_training = distiller.projector.training
+        with torch.no_grad():
+            z = distiller.projector.eval()(feats["student"].to(device)).float().cpu()
+        distiller.projector.train(was_training)
+        out["embed_cosine_val"] = F.cosine_similarity(z, feats["teacher"].float(), dim=1).mean().item()
     if distiller.teacher_head is not None:
         with torch.no_grad():
             pred = distiller.teacher_head(feats["teacher"].to(device)).argmax(1).cpu()

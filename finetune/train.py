@@ -43,7 +43,6 @@ the mean/std/size stored in it), and metrics.json says `trained: false`.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -58,6 +57,8 @@ import torch.nn.functional as F
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
+from core import int8
+from core.cpu import cpu_facts, describe
 from core.augment import AugmentConfig, augment_view, eval_view, normalize
 from core.config import StageConfig, TrainConfig, choice, to_dict, to_yaml
 from core.errors import UserError
@@ -127,18 +128,6 @@ def run_name(cfg: Config) -> str:
     if cfg.name != "default":
         return cfg.name
     return "-".join(Path(cfg.artifact).parts[-2:] + (f"{cfg.labels_fraction * 100:.10g}pct",))
-
-
-def int8_package(art: ckpt.Artifact, source: Path) -> Path | None:
-    """The exported int8 file an artifact names in its meta (quant's), or None for fp32 ones."""
-    name = art.meta.get("int8_package")
-    if not name:
-        return None
-    path = source / name
-    if not path.is_file():
-        raise UserError(f"artifact {source} is int8 but its package {path} is missing "
-                        f"(model.pt names int8_package={name!r})")
-    return path
 
 
 def check_data(cfg: Config, art: ckpt.Artifact, splits) -> None:
@@ -238,18 +227,8 @@ def initial_head(backbone: nn.Module, labelled: datalib.ImageSet, splits, cfg: C
 
 def evaluate_int8(cfg: Config, art: ckpt.Artifact, package: Path, splits, run_dir: Path) -> Path:
     """Val top-1/top-5 of the shipped int8 file, with the preprocessing stored in it; no training."""
-    try:
-        runner = torch._inductor.aoti_load_package(str(package))
-        meta = dict(runner.get_metadata())
-    except Exception as e:
-        raise UserError(f"cannot load the int8 package {package}: {str(e).splitlines()[0][:160]}") from None
-    classes = int(meta.get("num_classes", splits.num_classes))
-    if classes != splits.num_classes:
-        raise UserError(f"the int8 package {package} predicts {classes} classes, "
-                        f"data.name={cfg.data.name} has {splits.num_classes}")
-    mean = tuple(json.loads(meta["mean"])) if "mean" in meta else splits.mean
-    std = tuple(json.loads(meta["std"])) if "std" in meta else splits.std
-    size = int(meta.get("image_size", splits.image_size))
+    model = int8.PackagedModel(package)
+    int8.preprocessing(model, splits)  # a class-count mismatch stops here, before anything is written
     if cfg.labels_fraction != 1.0:
         log_line(f"finetune: note: {package.name} is int8 and cannot be fine-tuned; "
                  f"labels_fraction={cfg.labels_fraction} does not apply")
@@ -258,20 +237,21 @@ def evaluate_int8(cfg: Config, art: ckpt.Artifact, package: Path, splits, run_di
     tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{run_dir.name}", to_dict(cfg))
 
     start = time.perf_counter()
-    cpu = torch.device("cpu")  # int8 kernels are CPU kernels
-    metrics = val_accuracy(runner, splits, cpu, cfg.eval.feature_batch_size, mean=mean, std=std, image_size=size)
-    metrics.update({
+    acc = int8.package_accuracy(model, splits.val.images, splits.val.labels, splits, cfg.eval.feature_batch_size)
+    size = int8.preprocessing(model, splits)[2]
+    metrics = {
+        "finetune_top1": acc[1], "finetune_top5": acc[5],
         "stage": STAGE, "trained": False, "evaluated": "int8 as exported", "package": str(package),
         "source": cfg.artifact, "source_stage": art.meta.get("stage"), "arch": art.spec.get("arch"),
-        "labels_fraction": cfg.labels_fraction, "n_labeled": 0,
+        "labels_fraction": cfg.labels_fraction, "n_labeled": 0, "cpu": cpu_facts(),
         "params": count_params(art.backbone), "macs": count_macs(art.backbone, size),
         "file_mb": package.stat().st_size / 2**20, "seconds": time.perf_counter() - start,
-    })
+    }
     ckpt.write_json(run_dir / "metrics.json", metrics)
     tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.finish()
     log_line(f"finetune: {cfg.artifact} is int8: evaluated as exported, top-1 {metrics['finetune_top1']:.4f}"
-             f"  top-5 {metrics['finetune_top5']:.4f} -> {run_dir}")
+             f"  top-5 {metrics['finetune_top5']:.4f} on {describe(metrics['cpu'])} -> {run_dir}")
     return run_dir
 
 
@@ -297,7 +277,7 @@ def run(cfg: Config) -> Path:
             raise UserError(f"{run_dir}/checkpoint.pt is a fine-tune of {state['source']} with labels_fraction="
                             f"{state['labels_fraction']}; pick another name= or remove it")
     art = ckpt.load_model(source, "artifact")
-    package = int8_package(art, source)
+    package = int8.package_of(art, source)
 
     # ============ device, seeds, data ============
     device = engine.resolve_device(cfg.engine)

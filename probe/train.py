@@ -4,7 +4,8 @@ The backbone stays frozen and in eval mode; features are computed once (no augme
 and cached in memory, then a linear classifier trains on them. Writes its own artifact dir
 with the head (used as the teacher's classifier by distillation's `kd` loss) and metrics.
 
-    python -m probe configs/probe.yaml artifact=runs/byol/quickstart
+    python -m probe configs/quickstart.yaml artifact=runs/byol/quickstart
+    python -m probe configs/quickstart.yaml artifact=runs/quant/quickstart   # + the int8 file, checked here
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
+from core import int8
 from core.config import StageConfig, to_dict, to_yaml
 from core.errors import UserError
 from core.evaluate import evaluate_backbone
@@ -27,7 +29,9 @@ STAGE = "probe"
 
 @dataclass
 class Config(StageConfig):
-    artifact: str = ""  # the backbone artifact dir to evaluate (byol, distill, prune)
+    # the backbone artifact dir to evaluate (byol, distill, prune, quant); for a quant artifact the
+    # int8 package is evaluated too, on this CPU, against the top-1 its quant run recorded
+    artifact: str = ""
 
 
 def run(cfg: Config) -> Path:
@@ -54,6 +58,11 @@ def run(cfg: Config) -> Path:
     metrics.update({"source": str(source), "source_stage": art.meta.get("stage"),
                     "params": count_params(backbone), "macs": count_macs(backbone, splits.image_size),
                     "seconds": time.perf_counter() - start})
+    package = int8.package_of(art, source)
+    if package is not None:  # an int8 artifact: also the shipped file, on this CPU, against its record
+        acc = int8.package_accuracy(int8.PackagedModel(package), splits.val.images, splits.val.labels, splits)
+        metrics.update(int8.verify_against_record(acc[1], ckpt.read_metrics(source)), int8_top5_here=acc[5])
+        log_line(f"probe: {int8.verdict_line(metrics)}")
     ckpt.atomic_save({"head": head.state_dict(), "source": str(source), "num_classes": splits.num_classes,
                       "data": cfg.data.name}, run_dir / "head.pt")
     ckpt.write_json(run_dir / "metrics.json", metrics)

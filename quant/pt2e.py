@@ -106,10 +106,14 @@ def split_relus(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- QAT
 
 
-def x86_quantizer():
+def x86_quantizer(reduce_range: bool = False):
     """int8 for x86 (oneDNN): per-channel symmetric int8 weights, per-tensor affine uint8
     activations, moving-average min/max observers (torchao's x86 QAT defaults), with one change:
     plain `FakeQuantize` modules instead of the fused `FusedMovingAvgObsFakeQuantize`.
+
+    reduce_range: activations in 0..127 instead of 0..255, so that oneDNN's int8 kernels on
+    CPUs without VNNI cannot saturate their int16 pair sums (core/cpu.py says why; torchao's
+    own x86 config has the same switch).
 
     Why: the fused op recomputes its scales on every call with its own formula (per-channel
     symmetric: max/127 or |min|/128), even with the observer disabled, while convert_pt2e takes
@@ -127,8 +131,9 @@ def x86_quantizer():
 
     default = get_default_x86_inductor_quantization_config(is_qat=True)
     eps = 2 ** -12  # torchao's x86 default
-    activation = replace(default.input_activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver, eps=eps))
+    activation = replace(default.input_activation, quant_max=127 if reduce_range else 255,
+                         observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=MovingAverageMinMaxObserver,
+                                                                           eps=eps))
     weight = replace(default.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
         observer=MovingAveragePerChannelMinMaxObserver, eps=eps))
     config = replace(default, input_activation=activation, output_activation=activation, weight=weight)
@@ -138,10 +143,10 @@ def x86_quantizer():
 QUANTIZERS = {"x86": x86_quantizer}
 
 
-def make_quantizer(backend: str):
+def make_quantizer(backend: str, reduce_range: bool = False):
     if backend not in QUANTIZERS:
         raise UserError(f"unsupported quant.backend {backend!r}; supported: {', '.join(QUANTIZERS)}")
-    return QUANTIZERS[backend]()
+    return QUANTIZERS[backend](reduce_range=reduce_range)
 
 
 def _head_linear(prepared: torch.fx.GraphModule) -> torch.fx.Node:
@@ -192,7 +197,8 @@ def batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=65536)
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = "x86") -> torch.fx.GraphModule:
+def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = "x86",
+                reduce_range: bool = False) -> torch.fx.GraphModule:
     """Export `model` in train mode (dynamic batch) and insert fake-quant around every conv/linear.
 
     `model` must already have one module per ReLU call site (`split_relus`). The returned
@@ -208,7 +214,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = "x86") -
         # nn_module_stack; with torch 2.11's default (non-strict) export it annotated nothing and
         # the "int8" model stayed fp32.
         graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},), strict=True).module()
-        prepared = prepare_qat_pt2e(graph, make_quantizer(backend))
+        prepared = prepare_qat_pt2e(graph, make_quantizer(backend, reduce_range))
     if not any(name.startswith("activation_post_process") for name, _ in prepared.named_children()):
         raise RuntimeError(f"the {backend} quantizer inserted no fake-quant into the exported graph "
                            f"(torch {torch.__version__}): nothing would be quantised")
@@ -293,21 +299,6 @@ def export_package(converted: torch.fx.GraphModule, example: torch.Tensor, path:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
-
-
-class PackagedModel(nn.Module):
-    """A loaded `.pt2` package as a module (so latency and evaluation code can call it)."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = Path(path)
-        self.runner = torch._inductor.aoti_load_package(str(path))
-
-    def forward(self, x):
-        return self.runner(x)
-
-    def metadata(self) -> Dict[str, str]:
-        return dict(self.runner.get_metadata())
 
 
 def package_kernel_counts(path: Path) -> Dict[str, int]:

@@ -45,8 +45,10 @@ from lightly.utils.scheduler import cosine_warmup_schedule
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
+from core import int8
 from core.augment import AugmentConfig, augment_view, eval_view, normalize
 from core.config import StageConfig, TrainConfig, choice, to_dict, to_yaml
+from core.cpu import cpu_facts, describe, int8_has_vnni
 from core.distill import LOSSES, DistillLossConfig, kd_loss, load_teacher
 from core.errors import UserError
 from core.evaluate import (assert_unchanged, extract_features, knn_top1, linear_cka, snapshot, topk_accuracy,
@@ -63,6 +65,11 @@ STAGE = "quant"
 @dataclass
 class QuantConfig:
     backend: str = choice("x86", "x86")  # oneDNN int8 kernels (x86 CPUs); see pt2e.QUANTIZERS
+    # 7-bit activations (0..127): needed where the int8 model runs on a CPU without VNNI, whose
+    # kernels saturate full-range ones (core/cpu.py; README, "int8 on CPUs with and without
+    # VNNI"). auto: true exactly when this machine's int8 kernels lack VNNI. Kept in
+    # checkpoint.pt, so a resumed run keeps the range it started with.
+    reduce_range: str = choice("auto", "auto", "true", "false")
     # At the start of these epochs (0-based) BN switches to its running statistics, which stop
     # updating, then the observers stop moving the quantisation ranges (PyTorch's QAT tutorial:
     # epochs 3 and 4 of 8). A value >= train.epochs never freezes during training; conversion
@@ -185,15 +192,19 @@ def predict(model, images: torch.Tensor, mean, std, image_size: int, device: tor
     return torch.cat(out)
 
 
-def build_prepared(source: ckpt.Artifact, image_size: int, backend: str,
-                   device: torch.device) -> torch.fx.GraphModule:
+def resolve_reduce_range(setting: str) -> bool:
+    return int8_has_vnni() is False if setting == "auto" else setting == "true"
+
+
+def build_prepared(source: ckpt.Artifact, image_size: int, backend: str, device: torch.device,
+                   reduce_range: bool = False) -> torch.fx.GraphModule:
     """A copy of the source classifier with one ReLU per call site, exported and prepared for QAT.
 
     Deterministic: the same source and image size give the same graph and state_dict keys, so a
     checkpoint's `model` state loads strictly into a new one (resume, conversion on the CPU).
     """
     model = pt2e.split_relus(copy.deepcopy(Classifier(source.backbone, source.head))).to(device)
-    return pt2e.prepare_qat(model, torch.zeros(2, 3, image_size, image_size, device=device), backend)
+    return pt2e.prepare_qat(model, torch.zeros(2, 3, image_size, image_size, device=device), backend, reduce_range)
 
 
 def fp32_weights(state: dict, source: ckpt.Artifact) -> Classifier:
@@ -234,7 +245,9 @@ def run(cfg: Config) -> Path:
     total_steps = cfg.train.epochs * steps_per_epoch
 
     # ============ networks: fake-quant classifier (PT2E), frozen teacher ============
-    prepared = build_prepared(source, size, cfg.quant.backend, device)
+    resume_state = ckpt.safe_load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
+    reduce_range = resume_state["reduce_range"] if resume_state else resolve_reduce_range(cfg.quant.reduce_range)
+    prepared = build_prepared(source, size, cfg.quant.backend, device, reduce_range)
     teacher_net = None
     if cfg.loss.kd > 0:
         teacher_net = Classifier(teacher.backbone, teacher.head).to(device).eval()
@@ -248,8 +261,8 @@ def run(cfg: Config) -> Path:
 
     # ============ resume: the prepared graph's state_dict (weights + fake-quant buffers) ============
     step, wandb_id, history = 0, None, []
-    if (run_dir / "checkpoint.pt").is_file():
-        state = ckpt.safe_load(run_dir / "checkpoint.pt")
+    if resume_state is not None:
+        state = resume_state
         prepared.load_state_dict(state["model"], strict=True)  # the loop re-applies the freezes
         optimizer.load_state_dict(state["optimizer"])
         aug_gen.set_state(state["aug_rng"].cpu() if device.type == "cpu" else state["aug_rng"])
@@ -266,7 +279,7 @@ def run(cfg: Config) -> Path:
         ckpt.atomic_save({
             "step": step, "model": prepared.state_dict(), "optimizer": optimizer.state_dict(),
             "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "wandb_id": tracker.id,
-            "history": history,
+            "history": history, "reduce_range": reduce_range,
         }, run_dir / "checkpoint.pt")
 
     # ============ training loop: fake-quant forward, distillation from the teacher's logits ============
@@ -338,7 +351,7 @@ def run(cfg: Config) -> Path:
     # ============ convert on the CPU: BN folded, observers frozen, real int8 ops ============
     state = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}  # convert works in place
     if device.type != "cpu":  # int8 kernels are CPU kernels: the same graph rebuilt there (as on resume)
-        prepared = build_prepared(source, size, cfg.quant.backend, cpu)
+        prepared = build_prepared(source, size, cfg.quant.backend, cpu, reduce_range)
         prepared.load_state_dict(state, strict=True)
     pt2e.freeze_observers(prepared)
     pt2e.freeze_bn_stats(prepared)
@@ -380,7 +393,7 @@ def run(cfg: Config) -> Path:
                                       meta_strings)
         log_line(f"quant: compiled {package} ({package.stat().st_size / 2**20:.1f} MB) "
                  f"in {time.perf_counter() - compile_start:.0f} s")
-        int8_model = pt2e.PackagedModel(package)  # evaluate what ships
+        int8_model = int8.PackagedModel(package)  # evaluate what ships
 
     # ============ evaluate on the CPU: int8 (own head) vs the fp32 source ============
     fp32_model = Classifier(source.backbone, source.head).eval()
@@ -406,6 +419,9 @@ def run(cfg: Config) -> Path:
         "latency_ms_cpu_b1": None, "latency_ms_cpu_b32": None, "latency_ms_gpu_b256": None,
         "fp32_latency_ms_cpu_b1": None, "fp32_latency_ms_cpu_b32": None,
         "latency_cpu_threads": torch.get_num_threads(),
+        # The int8 numbers above hold for this CPU's kernels (core/cpu.py): `python -m probe ...
+        # artifact=<this run>` re-measures the package on another machine against them.
+        "cpu": cpu_facts(), "reduce_range": reduce_range,
     }
     if cfg.latency.enabled:
         for batch in (1, 32):
@@ -432,5 +448,6 @@ def run(cfg: Config) -> Path:
     tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.finish()
     log_line(f"quant: done -> {run_dir}  int8 top-1 {int8_acc[1]:.4f} (fp32 {fp32_acc[1]:.4f})"
-             + (f"  {metrics['file_mb']:.1f} MB vs {metrics['fp32_file_mb']:.1f} MB" if package else ""))
+             + (f"  {metrics['file_mb']:.1f} MB vs {metrics['fp32_file_mb']:.1f} MB" if package else "")
+             + f"  [{describe(metrics['cpu'])}, activations {'0..127' if reduce_range else '0..255'}]")
     return run_dir

@@ -30,6 +30,17 @@ def run_cli(args, cwd=ROOT, timeout=600, env=None):
                           timeout=timeout, env=full_env)
 
 
+def pytest_report_header(config):
+    """The CPU first: int8 kernels and float summation order differ by processor, so a failure
+    should name its machine (core/cpu.py)."""
+    from core.cpu import cpu_facts
+
+    f = cpu_facts()
+    return (f"cpu: {f['model']}; torch {f['torch']} capability {f['capability']}; int8 VNNI {f['int8_vnni']}"
+            + (f"; ONEDNN_MAX_CPU_ISA={f['onednn_max_cpu_isa']}" if f["onednn_max_cpu_isa"] else "")
+            + f"; {f['threads']} threads")
+
+
 @pytest.fixture
 def run_root(tmp_path):
     return tmp_path / "runs"

@@ -261,7 +261,11 @@ def test_pruning_planted_zero_channels_leaves_outputs_unchanged(importance, glob
     assert model.backbone.layer1[0].conv1.out_channels == 48 and model.head.in_features == 384
     with torch.no_grad():
         after = model(x)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    # Equal up to float32 summation order (fewer, differently blocked terms), so the tolerance is
+    # relative to the logits' scale: measured 3.3e-6 of it on the AVX-512 path, 7.1e-6 on AVX2,
+    # against 1.4 for a group left out (the next test).
+    scale = before.abs().max().item()
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-4 * scale)
 
 
 def test_planted_test_fails_when_a_residual_member_is_left_out():
@@ -277,7 +281,7 @@ def test_planted_test_fails_when_a_residual_member_is_left_out():
     assert model.backbone.layer3[0].downsample[0].out_channels == 192  # the same planted channels went
     with torch.no_grad():
         after = model(x)
-    assert (after - before).abs().max() > 1e-3
+    assert (after - before).abs().max() > 0.1 * before.abs().max()
 
 
 def test_bn_recalibration_measures_the_pruned_statistics():
