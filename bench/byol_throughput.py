@@ -64,16 +64,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from byol.train import (  # noqa: E402
-    LOG_EVERY,
-    Config,
-    build_networks,
-    build_optimizer,
-    lr_schedule,
-    make_views,
-    train_step,
-    view_seed,
-)
+from byol.train import Config, build_networks, make_views, train_step  # noqa: E402
+from core.loop import LOG_EVERY, view_seed  # noqa: E402
+from core.optim import build_optimizer, warmup_cosine  # noqa: E402
 from core import checkpoint as ckpt  # noqa: E402
 from core import data as datalib  # noqa: E402
 from core import engine  # noqa: E402
@@ -120,14 +113,14 @@ def with_bf16_channels_last(cfg: Config) -> Config:
 
 
 def base_lr(cfg: Config) -> float:
-    return cfg.train.lr * cfg.train.batch_size / 256  # byol.train's linear scaling rule
+    return cfg.train.lr * cfg.train.batch_size / 256  # core.loop.Run.base_lr's linear scaling rule
 
 
 def lightly_optimizer(cfg: Config, online, lr: float):
     """lightly's LARS over the same parameter groups as the project's build_optimizer."""
     from lightly.utils.lars import LARS as LightlyLARS
 
-    ours = build_optimizer(cfg.train, online, lr)
+    ours = build_optimizer(cfg.train, online.parameters(), lr)
     if cfg.train.optimizer != "lars":
         return ours
     return LightlyLARS([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in ours.param_groups],
@@ -272,7 +265,7 @@ def run_lightly(cfg: Config, args, device, dataset, steps: int, warmup: int) -> 
 def project_nets(cfg: Config, device):
     engine.seed_everything(cfg.seed)
     nets = build_networks(cfg, device, engine.Dist())
-    optimizer = build_optimizer(cfg.train, nets.online, base_lr(cfg))
+    optimizer = build_optimizer(cfg.train, nets.online.parameters(), base_lr(cfg))
     return nets, optimizer
 
 
@@ -593,7 +586,7 @@ def learn_lightly(args, device, cfg: Config, eval_cfg: Config) -> dict:
     nets = build_networks(cfg, device, engine.Dist())
     lr0 = base_lr(cfg)
     optimizer = lightly_optimizer(cfg, nets.online, lr0)
-    lrs = lr_schedule(cfg.train, lr0, total_steps, steps_per_epoch)
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
     criterion = NegativeCosineSimilarity()
     epoch, history, epoch_seconds = 0, [], []
     if (run_dir / "checkpoint.pt").is_file():
@@ -613,7 +606,7 @@ def learn_lightly(args, device, cfg: Config, eval_cfg: Config) -> dict:
         for i, ((v1, v2), _) in enumerate(loader):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = float(lrs[step])
+                group["lr"] = warmup_cosine(step, total_steps, lr0, warmup)
             momentum = cosine_schedule(step, total_steps, cfg.byol.momentum_start, cfg.byol.momentum_end)
             losses.append(train_step(nets, optimizer, criterion, v1.to(device, non_blocking=True),
                                      v2.to(device, non_blocking=True), momentum, cfg, device))

@@ -86,6 +86,20 @@ class AugmentConfig:
     solarize_p2: float = 0.2
 
 
+def supervised_aug() -> AugmentConfig:
+    """Fine-tuning views (prune's recovery, QAT, finetune): random resized crop (scale >= 0.5) and
+    flip; BYOL's colour jitter, grayscale, blur and solarize off. One view a step."""
+    return AugmentConfig(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p1=0.0, blur_p2=0.0,
+                         solarize_p1=0.0, solarize_p2=0.0)
+
+
+def one_view(images: Tensor, out_size: int, cfg: AugmentConfig, generator: torch.Generator, mean: Sequence[float],
+             std: Sequence[float]) -> Tensor:
+    """One normalised augmented view (view 1's blur/solarize probabilities), for the stages
+    that train on a single view."""
+    return normalize(augment_view(images, out_size, cfg, cfg.blur_p1, cfg.solarize_p1, generator), mean, std)
+
+
 # --------------------------------------------------------------------------- random parameters
 
 

@@ -82,14 +82,6 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def update_metrics(run_dir: Path, new: dict) -> dict:
-    """Merge `new` into metrics.json (a later evaluation adds keys, keeps the others)."""
-    metrics = read_metrics(run_dir)
-    metrics.update(new)
-    write_json(Path(run_dir) / "metrics.json", metrics)
-    return metrics
-
-
 # ----------------------------------------------------------------------------- models
 
 

@@ -63,9 +63,14 @@ class TrainConfig:
     lr: float = 1.0  # for a batch of 256; scaled linearly with batch_size (Goyal et al. 2017)
     weight_decay: float = 1.5e-6
     momentum: float = 0.9
+    nesterov: bool = False  # sgd only
     warmup_epochs: float = 1.0
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch (and on SIGTERM/SIGUSR2)
     max_steps: int = 0  # > 0 stops after this many steps (tests, smoke runs); the schedule keeps `epochs`
+    # > 0: the stage ends within this many minutes, setup and evaluation included. A few timed
+    # steps fix the number of epochs (train.epochs is then ignored); the whole schedule (warmup-
+    # cosine lr, BYOL's momentum, QAT's freezes at the same fractions) fits it (core/loop.py).
+    budget_min: float = 0.0
 
 
 @dataclass
@@ -117,6 +122,9 @@ class LaunchConfig:
     cpus_per_task: int = 2
     mem_gb: int = 8
     timeout_min: int = 60
+    # This stage's share of `python -m launch pipeline FILE budget_min=N` (the shares of a
+    # pipeline's stages sum to 1); it becomes the stage's train.budget_min (launch/pipeline.py).
+    budget_share: float = 0.0
     array_parallelism: int = 16
     slurm_extra: Dict[str, Any] = field(default_factory=dict)  # any other sbatch parameter
 

@@ -205,6 +205,22 @@ def _load_probe_head(head_dir: Path, teacher_dir: Path, dim: int) -> nn.Linear:
 # ----------------------------------------------------------------------------- distiller
 
 
+class HintTaps:
+    """Where the hint hooks put the maps of the current forward: the hooks reference this small
+    object, not the Distiller, so a deep copy of a hooked student copies no teacher."""
+
+    def __init__(self):
+        self.capturing = False
+        self.maps: Dict[str, Dict[str, Tensor]] = {"student": {}, "teacher": {}}
+
+    def store(self, side: str, layer: str, module, inputs, output) -> None:
+        if self.capturing:  # only inside Distiller.forward: kNN and probe passes leave nothing behind
+            self.maps[side][layer] = output
+
+    def clear(self) -> None:
+        self.maps = {"student": {}, "teacher": {}}
+
+
 class Distiller(nn.Module):
     """Frozen teacher + trainable adapters (embed projector, hint 1x1 adapters, student CE
     head) + relation queue. `forward(images, labels)` runs teacher and student on the same
@@ -212,14 +228,15 @@ class Distiller(nn.Module):
 
     State: `state_dict()` / `load_state_dict()` hold the adapters and the queue only (keys
     projector.*, adapters.*, student_head.*, queue, queue_ptr). The teacher is reloaded from
-    its artifact and the student is the caller's to save (it may be pruned or quantised);
-    `resumable_state()` / `load_resumable_state()` are the same two, by name.
+    its artifact and the student is the caller's to save (it may be pruned or quantised).
 
     student_dim: the student's pooled feature width; None reads it from its last BatchNorm
     (core.models.feature_dim); pass it for a student without BatchNorm modules (an exported
     graph). Hint layers are found by module name (`student.get_submodule("layer3")`) and
     captured with forward hooks; the adapters' channel counts come from one dry run at
-    `image_size` in eval mode (no BatchNorm statistics change).
+    `image_size` in eval mode (no BatchNorm statistics change). The hooks hold only a `HintTaps`
+    (never the Distiller, so a copy of the student does not copy the teacher);
+    `remove_hooks()` takes them off.
     """
 
     _NOT_STATE = ("teacher.", "teacher_head.", "student.")
@@ -253,8 +270,8 @@ class Distiller(nn.Module):
                                            nn.ReLU(inplace=True), nn.Linear(dim_s, dim_t))
         self.student_head = nn.Linear(dim_s, num_classes) if (cfg.kd > 0 or cfg.ce > 0) else None
 
-        self._taps: Dict[str, Dict[str, Tensor]] = {"student": {}, "teacher": {}}
-        self._capturing = False
+        self._taps = HintTaps()
+        self._hooks: List[torch.utils.hooks.RemovableHandle] = []
         self.adapters = nn.ModuleDict()
         if cfg.hint > 0:
             self._add_hint_taps(cfg.hint_layers, image_size)
@@ -282,32 +299,35 @@ class Distiller(nn.Module):
                     names = [n for n, _ in net.named_children()]
                     raise UserError(f"loss.hint_layers: the {side} has no module {layer!r} "
                                     f"(top-level modules: {', '.join(names)})") from None
-                module.register_forward_hook(functools.partial(self._tap, side, layer))
+                self._hooks.append(module.register_forward_hook(functools.partial(self._taps.store, side, layer)))
         # One dry run in eval mode (running statistics untouched) gives the channel counts.
         device = next(self.student.parameters()).device
         was_training = self.student.training
         self.student.eval()
         x = torch.zeros(2, 3, image_size, image_size, device=device)
         with torch.no_grad():
-            self._capturing = True
+            self._taps.capturing = True
             self.teacher.to(device)(x), self.student(x)
-            self._capturing = False
+            self._taps.capturing = False
         self.student.train(was_training)
         for layer in layers:
-            s, t = self._taps["student"][layer], self._taps["teacher"][layer]
+            s, t = self._taps.maps["student"][layer], self._taps.maps["teacher"][layer]
             if s.ndim != 4 or t.ndim != 4:
                 raise UserError(f"loss.hint_layers: {layer!r} does not give [B, C, H, W] maps")
             if self.cfg.hint_kind == "fitnets":  # attention transfer needs no adapter
                 self.adapters[self._key(layer)] = nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1)
-        self._taps = {"student": {}, "teacher": {}}
+        self._taps.clear()
+
+    def remove_hooks(self) -> None:
+        """Take the hint taps off the student and the teacher (a student that outlives its
+        Distiller, e.g. pruned afterwards, then carries nothing of it)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     @staticmethod
     def _key(layer: str) -> str:
         return layer.replace(".", "_")  # ModuleDict keys cannot hold dots
-
-    def _tap(self, side: str, layer: str, module, inputs, output) -> None:
-        if self._capturing:  # only inside forward: other callers (kNN, probe) leave nothing behind
-            self._taps[side][layer] = output
 
     # ------------------------------------------------------------------ modes and state
 
@@ -339,12 +359,6 @@ class Distiller(nn.Module):
         if strict and (missing or unexpected):
             raise RuntimeError(f"Distiller.load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         return result._replace(missing_keys=missing)
-
-    def resumable_state(self) -> Dict[str, Tensor]:
-        return self.state_dict()
-
-    def load_resumable_state(self, state: Dict[str, Tensor]) -> None:
-        self.load_state_dict(state, strict=True)
 
     def adapter_parameters(self) -> List[nn.Parameter]:
         """What the optimizer trains besides the student: projector, hint adapters, student head."""
@@ -380,14 +394,14 @@ class Distiller(nn.Module):
 
     def forward(self, images: Tensor, labels: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
         cfg = self.cfg
-        self._capturing = cfg.hint > 0
+        self._taps.capturing = cfg.hint > 0
         try:
             with torch.no_grad(), self._teacher_context(images):
                 t_feat = self.teacher(images)
                 t_logits = self.teacher_head(t_feat) if cfg.kd > 0 else None
             s_feat = self.student(images)
         finally:
-            self._capturing = False
+            self._taps.capturing = False
         t_feat = t_feat.float()
         parts: Dict[str, Tensor] = {}
 
@@ -404,7 +418,7 @@ class Distiller(nn.Module):
         if cfg.hint > 0:
             s_maps, t_maps = [], []
             for layer in cfg.hint_layers:
-                s, t = self._taps["student"][layer], self._taps["teacher"][layer].float()
+                s, t = self._taps.maps["student"][layer], self._taps.maps["teacher"][layer].float()
                 if cfg.hint_kind == "fitnets":
                     s = self.adapters[self._key(layer)](s)
                 if s.shape[-2:] != t.shape[-2:]:
@@ -413,7 +427,7 @@ class Distiller(nn.Module):
                     s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
                 s_maps.append(s.float())
                 t_maps.append(t)
-            self._taps = {"student": {}, "teacher": {}}
+            self._taps.clear()
             parts["hint"] = hint_loss(s_maps, t_maps, cfg.hint_kind)
 
         if self.student_head is not None:

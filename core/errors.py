@@ -1,6 +1,6 @@
 """One exception type for mistakes a user can fix (bad config, missing data, bad artifact).
 
-CLIs catch it and print one line instead of a traceback; see `core.cli.main`.
+CLIs catch it and print one line instead of a traceback; see `core.cli.stage_main`.
 """
 
 

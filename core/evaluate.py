@@ -34,6 +34,28 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, mean, std, image
     return torch.cat(out)
 
 
+@torch.no_grad()
+def predict(model, images: torch.Tensor, mean, std, image_size: int, device: torch.device,
+            batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+    """Logits [N, C] (float32, on CPU) of uint8 images through `model`, no augmentation. The
+    caller sets the mode (an exported QAT graph has no .eval(); a package none at all)."""
+    out = []
+    for chunk in images.split(batch_size):
+        x = eval_view(chunk.to(device), image_size, mean, std)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def features_cka(net: nn.Module, teacher: nn.Module, splits, device: torch.device, batch_size: int = 512,
+                 bf16: bool = False) -> Tuple[float, torch.Tensor, torch.Tensor]:
+    """(linear CKA, features of `net`, features of `teacher`) on the val split: how much of its
+    teacher's representation a distilled, pruned or quantised backbone kept."""
+    f_net, f_teacher = (extract_features(m.to(device), splits.val.images, splits.mean, splits.std, splits.image_size,
+                                         device, batch_size, bf16) for m in (net, teacher))
+    return linear_cka(f_net, f_teacher), f_net, f_teacher
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> Dict[int, float]:
     k_max = min(max(ks), logits.shape[1])
     top = logits.topk(k_max, dim=1).indices

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
+from lightly.utils.scheduler import cosine_warmup_schedule
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-__all__ = ["LARS", "ema_update_", "lr_schedule"]
+__all__ = ["LARS", "ema_update_", "warmup_cosine", "weight_decay_groups", "build_optimizer"]
 
 
 class LARS(Optimizer):
@@ -36,7 +36,6 @@ class LARS(Optimizer):
         d     = trust * (g + wd * p)                      (else d = g: no decay, no scaling)
     and in a group with wd == 0, d = g: no decay and no scaling. That is lightly's exclusion
     rule (BYOL, Sec. C.1 / SimCLR: BatchNorm and bias parameters go into a wd = 0 group).
-    Other group keys (e.g. `lars_exclude`) are kept but, as in lightly, not read.
     Then PyTorch's SGD momentum: buf = momentum * buf + (1 - dampening) * d (buf = d on the
     first step), d = d + momentum * buf with nesterov else buf, p -= lr * d.
     """
@@ -130,11 +129,30 @@ def ema_update_(target_params: Sequence[Tensor], online_params: Sequence[Tensor]
     torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
 
 
-def lr_schedule(cfg, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
-    """Linear warmup (from 0) over cfg.warmup_epochs, then cosine towards 0, one value per step
-    (precomputed, DINO-style); cfg is a TrainConfig. The byol, prune and finetune loops use it;
-    distill and quant use lightly's cosine_warmup_schedule (slightly different end points)."""
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    ramp = np.linspace(0.0, base_lr, warmup, endpoint=False)
-    steps = np.arange(total_steps - warmup)
-    return np.concatenate([ramp, 0.5 * base_lr * (1 + np.cos(np.pi * steps / max(1, len(steps))))])
+def warmup_cosine(step: int, total_steps: int, base_lr: float, warmup_steps: int, final_lr: float = 0.0) -> float:
+    """The one learning-rate schedule of every stage: linear warmup to base_lr over warmup_steps
+    (its first step already above 0), then cosine to final_lr, reached at the last step.
+    lightly's `cosine_warmup_schedule`, as its BYOL benchmark uses it."""
+    return cosine_warmup_schedule(step, total_steps, base_lr, final_lr, min(warmup_steps, total_steps), 0.0)
+
+
+def weight_decay_groups(params: Sequence[torch.nn.Parameter], weight_decay: float) -> list:
+    """Two param groups: weight decay on weights, none on BatchNorm scales/shifts and biases.
+
+    The split of lightly's `get_weight_decay_parameters` (BYOL, Sec. C.1), made by shape: in these
+    networks the norm parameters and biases are exactly the 1-d ones, and the exported QAT graph
+    has no module types to ask (tests/test_optim.py checks the two agree on a ResNet with BYOL's heads).
+    """
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg, params: Sequence[torch.nn.Parameter], lr: float) -> Optimizer:
+    """cfg.optimizer (lars | sgd | adamw) over weight_decay_groups(params); cfg is a TrainConfig."""
+    groups = weight_decay_groups(params, cfg.weight_decay)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)

@@ -14,9 +14,7 @@ same way once it has a `stages.finetune` section):
     python -m finetune artifact=runs/byol/quickstart labels_fraction=0.1 data.name=digits data.image_size=16 \
         data.val_fraction=0.2 train.batch_size=48 aug.flip_p=0 aug.crop_scale_min=0.8 eval.knn_k=20 engine.device=cpu
 
-(a flip or a tight crop changes a digit's class). Measured (2-core CPU, 1 thread, the BYOL
-quickstart ResNet-50): val top-1 after fine-tuning / of a linear probe on the same labels:
-1% (13 images) 0.31 / 0.36, 10% (144) 0.74 / 0.53, 100% (1,438) 0.96 / 0.77 (15 s, 37 s, 5 min).
+(a flip or a tight crop changes a digit's class); README, "Evaluation", has what it measured.
 
 In the order the work happens:
 1. Inputs: the artifact's model.pt (any stage's backbone, pruned ones rebuilt from their spec),
@@ -43,7 +41,6 @@ the mean/std/size stored in it), and metrics.json says `trained: false`.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -53,19 +50,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
 from core import int8
 from core.cpu import cpu_facts, describe
-from core.augment import AugmentConfig, augment_view, eval_view, normalize
+from core.augment import AugmentConfig, eval_view, one_view, supervised_aug
 from core.config import StageConfig, TrainConfig, choice, to_dict, to_yaml
 from core.errors import UserError
-from core.evaluate import evaluate_backbone, extract_features, probe_accuracy, topk_accuracy, train_linear_probe
+from core.evaluate import (evaluate_backbone, extract_features, predict, probe_accuracy, topk_accuracy,
+                           train_linear_probe)
 from core.models import Classifier, count_macs, count_params, feature_dim
-from core.track import Progress, Tracker, log_line
-from core.optim import LARS, lr_schedule  # lightly's LARS update, foreach (no per-parameter loop or sync)
+from core.loop import Run, write_metrics
+from core.optim import build_optimizer
+from core.track import Tracker, log_line
 
 STAGE = "finetune"
 
@@ -75,13 +75,7 @@ def default_train() -> TrainConfig:
     # semi-supervised numbers: SGD with Nesterov momentum 0.9, lr 0.05 per 256 images, no warmup,
     # no weight decay, crop + flip only. 30 epochs; SimCLRv2 (Chen et al. 2020b) uses 60 with 1%.
     return TrainConfig(epochs=30, batch_size=256, optimizer="sgd", lr=0.05, weight_decay=0.0,
-                       momentum=0.9, warmup_epochs=0.0)
-
-
-def default_aug() -> AugmentConfig:
-    # Supervised views: crop + flip; BYOL's colour, blur and solarize are off (as quant and prune).
-    return AugmentConfig(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p1=0.0, blur_p2=0.0,
-                         solarize_p1=0.0, solarize_p2=0.0)
+                       momentum=0.9, nesterov=True, warmup_epochs=0.0)
 
 
 @dataclass
@@ -91,18 +85,15 @@ class Config(StageConfig):
     labels_seed: int = 0  # picks the labelled subset; apart from `seed`, so every run sees the same labels
     # zero: a zero-initialised head (the backbone gets no gradient until the head has moved).
     # probe: a linear probe fitted on the labelled subset's frozen features (LP-FT, Kumar et al.
-    # 2022). Measured on digits (10% labels, 10 epochs): zero 0.63 vs probe 0.49 top-1 from the
-    # BYOL quickstart ResNet-50, 0.91 vs 0.84 from a random-init ResNet-18: the probe, fitted to
-    # near-zero loss on few clean images, is overconfident on augmented views, and its large
-    # first gradients damage the features it was meant to protect.
+    # 2022). zero by default: a probe fitted to near-zero loss on few clean images is overconfident
+    # on augmented views, and its large first gradients damaged the features on digits.
     head_init: str = choice("zero", "zero", "probe")
     # Re-estimate BatchNorm's running statistics with the final weights on the labelled images
-    # before evaluating (PreciseBN, Wu & Johnson 2021). A short fine-tune leaves them stale: its
-    # EMA (momentum 0.1) lags weights that moved. Measured on digits (10% labels, 20 steps,
-    # random-init ResNet-18): val top-1 0.11 with the EMA statistics, 0.84 re-estimated.
+    # before evaluating (PreciseBN, Wu & Johnson 2021): a short fine-tune's EMA (momentum 0.1)
+    # lags weights that moved.
     precise_bn: bool = True
     train: TrainConfig = field(default_factory=default_train)
-    aug: AugmentConfig = field(default_factory=default_aug)
+    aug: AugmentConfig = field(default_factory=supervised_aug)  # crop + flip
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -147,60 +138,13 @@ def labels_digest(index: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float):
-    # No weight decay on BatchNorm and bias parameters (the vectors), as in every stage here.
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum)
-    if cfg.optimizer == "sgd":  # Nesterov, as SimCLR's fine-tuning (it needs momentum > 0)
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-@torch.no_grad()
-def predict(model, images: torch.Tensor, mean, std, image_size: int, device: torch.device,
-            batch_size: int = 512, bf16: bool = False) -> torch.Tensor:
-    """Logits [N, C] (float32, CPU) of uint8 images, no augmentation; eval mode for modules."""
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    out = []
-    for chunk in images.split(batch_size):
-        x = eval_view(chunk.to(device), image_size, mean, std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(model(x).float().cpu())
-    if isinstance(model, nn.Module):
-        model.train(was_training)
-    return torch.cat(out)
-
-
-def val_accuracy(model, splits, device, batch_size: int, bf16: bool = False, mean=None, std=None,
-                 image_size: int | None = None) -> dict:
-    logits = predict(model, splits.val.images, mean or splits.mean, std or splits.std,
-                     image_size or splits.image_size, device, batch_size, bf16)
+def val_accuracy(model: nn.Module, splits, device, batch_size: int, bf16: bool = False) -> dict:
+    was_training = model.training
+    logits = predict(model.eval(), splits.val.images, splits.mean, splits.std, splits.image_size, device, batch_size,
+                     bf16)
+    model.train(was_training)
     acc = topk_accuracy(logits, splits.val.labels.cpu())
     return {"finetune_top1": acc[1], "finetune_top5": acc[5]}
-
-
-@torch.no_grad()
-def precise_bn(backbone: nn.Module, images: torch.Tensor, mean, std, image_size: int, device: torch.device,
-               batch_size: int) -> None:
-    """BatchNorm running statistics := their plain average over full batches of `images` (clean
-    views; the training batch size, whose statistics the weights were trained with), nothing else changed."""
-    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches, not an EMA
-    was_training = backbone.training
-    backbone.train()
-    for chunk in images[: len(images) - len(images) % batch_size].split(batch_size):
-        backbone(eval_view(chunk.to(device), image_size, mean, std))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    backbone.train(was_training)
 
 
 def initial_head(backbone: nn.Module, labelled: datalib.ImageSet, splits, cfg: Config, device,
@@ -247,9 +191,7 @@ def evaluate_int8(cfg: Config, art: ckpt.Artifact, package: Path, splits, run_di
         "params": count_params(art.backbone), "macs": count_macs(art.backbone, size),
         "file_mb": package.stat().st_size / 2**20, "seconds": time.perf_counter() - start,
     }
-    ckpt.write_json(run_dir / "metrics.json", metrics)
-    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.finish()
+    write_metrics(run_dir, metrics, tracker)
     log_line(f"finetune: {cfg.artifact} is int8: evaluated as exported, top-1 {metrics['finetune_top1']:.4f}"
              f"  top-5 {metrics['finetune_top5']:.4f} on {describe(metrics['cpu'])} -> {run_dir}")
     return run_dir
@@ -262,178 +204,94 @@ def run(cfg: Config) -> Path:
     # ============ inputs: every config or artifact problem stops here, before any work ============
     check_config(cfg)
     source = Path(cfg.artifact)
-    run_dir = ckpt.artifact_dir(cfg.run_root, STAGE, run_name(cfg))
-    done = ckpt.read_metrics(run_dir)
-    if done:
-        if (done.get("source"), done.get("labels_fraction")) != (cfg.artifact, cfg.labels_fraction):
-            raise UserError(f"{run_dir} already holds a fine-tune of {done.get('source')} with labels_fraction="
-                            f"{done.get('labels_fraction')}; pick another name=")
-        log_line(f"finetune: {run_dir} is already finished; nothing to do")
-        return run_dir
-    resuming = (run_dir / "checkpoint.pt").is_file()
-    state = ckpt.safe_load(run_dir / "checkpoint.pt") if resuming else None
-    if resuming:  # a checkpoint of another run under the same name must not be continued
-        if (state["source"], state["labels_fraction"]) != (cfg.artifact, cfg.labels_fraction):
-            raise UserError(f"{run_dir}/checkpoint.pt is a fine-tune of {state['source']} with labels_fraction="
-                            f"{state['labels_fraction']}; pick another name= or remove it")
+    name = run_name(cfg)
+    done = ckpt.read_metrics(ckpt.artifact_dir(cfg.run_root, STAGE, name))
+    if done and (done.get("source"), done.get("labels_fraction")) != (cfg.artifact, cfg.labels_fraction):
+        raise UserError(f"{cfg.run_root}/{STAGE}/{name} already holds a fine-tune of {done.get('source')} with "
+                        f"labels_fraction={done.get('labels_fraction')}; pick another name=")
+    r = Run(cfg, STAGE, name)
+    if r.done:
+        return r.dir
+    if r.state is not None and (r.state["source"], r.state["labels_fraction"]) != (cfg.artifact, cfg.labels_fraction):
+        raise UserError(f"{r.dir}/checkpoint.pt is a fine-tune of {r.state['source']} with labels_fraction="
+                        f"{r.state['labels_fraction']}; pick another name= or remove it")
     art = ckpt.load_model(source, "artifact")
     package = int8.package_of(art, source)
+    if package is not None:  # int8: evaluated as it ships, no training
+        splits = datalib.load_splits(cfg.data)
+        check_data(cfg, art, splits)
+        return evaluate_int8(cfg, art, package, splits, r.dir)
 
-    # ============ device, seeds, data ============
-    device = engine.resolve_device(cfg.engine)
-    engine.seed_everything(cfg.seed, cfg.engine.deterministic)
-    bf16 = engine.use_bf16(cfg.engine, device)
+    # ============ the labelled subset: a pure function of (training split, fraction, labels_seed) ============
     splits = datalib.load_splits(cfg.data)
     check_data(cfg, art, splits)
-    if package is not None:
-        return evaluate_int8(cfg, art, package, splits, run_dir)
-
-    # The labelled subset: a pure function of (training split, fraction, labels_seed).
     subset = datalib.balanced_subset(splits.train.labels, cfg.labels_fraction, cfg.labels_seed)
+    if r.state is not None and not torch.equal(r.state["subset"], subset):
+        raise UserError(f"{r.dir}/checkpoint.pt was trained on another labelled subset (data or labels_seed "
+                        f"changed); rerun with the original config or remove it")
     labelled = splits.train.subset(subset)
-    train_set = labelled.to(device)
-    size = splits.image_size
     batch_size = min(cfg.train.batch_size, len(subset))
     if batch_size < cfg.train.batch_size:
         log_line(f"finetune: note: {len(subset)} labelled images < train.batch_size={cfg.train.batch_size}; "
                  f"batches of {batch_size} (the lr scales with it)")
-    steps_per_epoch = datalib.steps_per_epoch(len(train_set), batch_size)
-    total_steps = cfg.train.epochs * steps_per_epoch
-
-    # ============ head (once; afterwards the model always comes from checkpoint.pt) ============
-    if not resuming:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        head, report = initial_head(art.backbone.to(device), labelled, splits, cfg, device, bf16)
-        report.update({"n_labeled": len(subset), "labels_sha1": labels_digest(subset)})
-        ckpt.atomic_save({
-            "step": 0, "model": Classifier(art.backbone, head).state_dict(), "subset": subset,
-            "source": cfg.artifact, "labels_fraction": cfg.labels_fraction, "report": report,
-            "wandb_id": None, "history": [],
-        }, run_dir / "checkpoint.pt")
-        log_line(f"finetune: {len(subset)} labelled images ({cfg.labels_fraction:g} of {len(splits.train)}); "
-                 f"linear probe on them: val top-1 {report['subset_probe_top1']:.4f}")
-        state = ckpt.safe_load(run_dir / "checkpoint.pt")
-    if not torch.equal(state["subset"], subset):
-        raise UserError(f"{run_dir}/checkpoint.pt was trained on another labelled subset (data or labels_seed "
-                        f"changed); rerun with the original config or remove it")
+    r.start(train=labelled, batch_size=batch_size)
+    device, size = r.device, splits.image_size
 
     # ============ network: the artifact's architecture (pruned ones too) + linear head ============
-    model = Classifier(art.backbone, nn.Linear(feature_dim(art.backbone), splits.num_classes))
-    model.load_state_dict(state["model"], strict=True)
-    model = engine.prepare_module(model, cfg.engine, device)
+    head = nn.Linear(feature_dim(art.backbone), splits.num_classes)
+    if r.state is None:  # the head once, written at step 0; afterwards the model comes from checkpoint.pt
+        head, report = initial_head(art.backbone.to(device), labelled, splits, cfg, device, r.bf16)
+        report.update({"n_labeled": len(subset), "labels_sha1": labels_digest(subset)})
+        log_line(f"finetune: {len(subset)} labelled images ({cfg.labels_fraction:g} of {len(splits.train)}); "
+                 f"linear probe on them: val top-1 {report['subset_probe_top1']:.4f}")
+    else:
+        report = r.state["report"]
+    r.extra.update({"subset": subset, "source": cfg.artifact, "labels_fraction": cfg.labels_fraction, "report": report})
+    model = engine.prepare_module(Classifier(art.backbone, head), cfg.engine, device)
     model_fwd = engine.maybe_compile(model, cfg.engine, device)
+    optimizer = build_optimizer(cfg.train, model.parameters(), r.base_lr())
+    r.resume(model=model)
+    if r.step > 0:
+        r.resume(optimizer=optimizer)
+    else:
+        r.register(optimizer=optimizer)
+        r.save()
 
-    # ============ optimizer, schedule ============
-    base_lr = cfg.train.lr * batch_size / 256  # linear scaling rule
-    optimizer = build_optimizer(cfg.train, model, base_lr)
-    lrs = lr_schedule(cfg.train, base_lr, total_steps, steps_per_epoch)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919)
-
-    # ============ resume ============
-    step, wandb_id, history, report = state["step"], state["wandb_id"], state["history"], state["report"]
-    if step > 0:
-        optimizer.load_state_dict(state["optimizer"])
-        aug_gen.set_state(state["aug_rng"].cpu() if device.type == "cpu" else state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        log_line(f"finetune: resumed {run_dir} at step {step}/{total_steps}")
-    tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{run_dir.name}", to_dict(cfg), wandb_id)
-
-    def save_checkpoint():
-        ckpt.atomic_save({
-            "step": step, "model": model.state_dict(), "subset": subset, "source": cfg.artifact,
-            "labels_fraction": cfg.labels_fraction, "report": report, "optimizer": optimizer.state_dict(),
-            "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "wandb_id": tracker.id,
-            "history": history,
-        }, run_dir / "checkpoint.pt")
+    def val_monitor() -> dict:  # at the monitor cadence every stage shares (eval.knn_every_epochs)
+        return {"val_top1": val_accuracy(model, splits, device, cfg.eval.feature_batch_size, r.bf16)["finetune_top1"]}
 
     # ============ training loop: cross-entropy on one augmented view, everything trains ============
-    stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
-    progress = Progress(stop_at, step, desc=f"finetune {run_dir.name}", enabled=cfg.engine.progress)
     model.train()  # BatchNorm too: full fine-tuning adapts its statistics to the labelled views
-    epoch_seconds, loss_value = [], float("nan")
-    with engine.StopGuard() as guard:
-        while step < stop_at:
-            epoch, first = divmod(step, steps_per_epoch)
-            order = datalib.epoch_permutation(len(train_set), cfg.seed, epoch)
-            epoch_start = time.perf_counter()
-            for images, labels in datalib.in_memory_batches(train_set, order, batch_size, first):
-                lr = float(lrs[step])  # a numpy scalar would not load with weights_only=True
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = normalize(augment_view(images, size, cfg.aug, cfg.aug.blur_p1, cfg.aug.solarize_p1, aug_gen),
-                              splits.mean, splits.std)
-                if device.type == "cuda" and cfg.engine.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with engine.autocast(cfg.engine, device):
-                    logits = model_fwd(x)
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise SystemExit(f"finetune: loss is {loss_value} at step {step}; stopping "
-                                     f"(last good checkpoint: {run_dir / 'checkpoint.pt'})")
-                progress.update(len(images), loss=loss_value, lr=lr, epoch=epoch)
-                if step % 10 == 0 or step == stop_at:
-                    tracker.log({"train/loss": loss_value, "train/lr": lr,
-                                 "train/images_per_s": progress.images_per_s}, step=step)
-                if guard.stop_requested:
-                    save_checkpoint()
-                    tracker.finish()
-                    guard.stop()
-                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                    save_checkpoint()
-                if step == stop_at:
-                    break
-
-            if step % steps_per_epoch == 0:  # a whole epoch ended here
-                if first == 0:  # a resumed partial epoch would understate the time
-                    epoch_seconds.append(time.perf_counter() - epoch_start)
-                done_epochs = step // steps_per_epoch
-                entry = {"epoch": done_epochs, "step": step, "loss": loss_value}
-                every = cfg.eval.knn_every_epochs  # the monitor cadence every stage shares
-                if every and (done_epochs % every == 0 or done_epochs == cfg.train.epochs):
-                    entry["val_top1"] = val_accuracy(model, splits, device, cfg.eval.feature_batch_size,
-                                                     bf16)["finetune_top1"]
-                    tracker.log({"val/top1": entry["val_top1"], "epoch": done_epochs}, step=step)
-                    progress.write(f"epoch {done_epochs}: loss {loss_value:.4f}  val top-1 {entry['val_top1']:.4f}")
-                history.append(entry)
-            save_checkpoint()
-    progress.close()
-
-    if step < total_steps:  # stopped early on purpose (train.max_steps): resumable, not final
-        tracker.finish()
-        log_line(f"finetune: stopped at step {step}/{total_steps} (train.max_steps); rerun to continue")
-        return run_dir
+    for s in r.steps(optimizer, monitor=val_monitor):
+        x = one_view(s.images, size, cfg.aug, s.generator, splits.mean, splits.std)
+        if device.type == "cuda" and cfg.engine.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with engine.autocast(cfg.engine, device):
+            logits = model_fwd(x)
+        loss = F.cross_entropy(logits.float(), s.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        r.record(loss)
+    if r.paused():
+        return r.dir
 
     # ============ final: the fine-tuned classifier on val, kNN of its backbone, model.pt ============
-    if cfg.precise_bn:
-        precise_bn(model.backbone, labelled.images, splits.mean, splits.std, size, device, batch_size)
-    metrics = val_accuracy(model, splits, device, cfg.eval.feature_batch_size, bf16)
+    if cfg.precise_bn:  # running statistics := their plain average over full batches of clean views
+        full = labelled.images[: len(labelled) - len(labelled) % batch_size]
+        update_bn((eval_view(chunk.to(device), size, splits.mean, splits.std) for chunk in full.split(batch_size)),
+                  model.backbone)
+    metrics = val_accuracy(model, splits, device, cfg.eval.feature_batch_size, r.bf16)
     # kNN with only the labels this run saw as its bank (with all labels: the usual kNN monitor).
-    knn, _ = evaluate_backbone(model.backbone, replace(splits, train=labelled), cfg.eval, device, bf16, probe=False)
-    meta = {"stage": STAGE, "name": run_dir.name, "data": cfg.data.name, "num_classes": splits.num_classes,
-            "image_size": size, "mean": list(splits.mean), "std": list(splits.std), "parents": [cfg.artifact],
-            "labels_fraction": cfg.labels_fraction, "n_labeled": len(subset)}
-    ckpt.save_model(run_dir, model.backbone, art.spec, meta, model.head)
+    knn, _ = evaluate_backbone(model.backbone, replace(splits, train=labelled), cfg.eval, device, r.bf16, probe=False)
     metrics.update({
-        **knn, **report, "stage": STAGE, "trained": True, "evaluated": "fine-tuned fp32",
+        **knn, **report, "trained": True, "evaluated": "fine-tuned fp32",
         "source": cfg.artifact, "source_stage": art.meta.get("stage"), "arch": art.spec.get("arch"),
         "labels_fraction": cfg.labels_fraction, "labels_seed": cfg.labels_seed, "head_init": cfg.head_init,
-        "precise_bn": cfg.precise_bn,
-        "params": count_params(model.backbone), "macs": count_macs(model.backbone, size),
-        "file_mb": (run_dir / "model.pt").stat().st_size / 2**20,
-        "epochs": cfg.train.epochs, "steps": total_steps, "batch_size": batch_size,
-        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
-        "final_loss": loss_value if math.isfinite(loss_value) else None, "history": history,
+        "precise_bn": cfg.precise_bn, "params": count_params(model.backbone), "macs": count_macs(model.backbone, size),
+        "batch_size": batch_size,
     })
-    ckpt.write_json(run_dir / "metrics.json", metrics)
-    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.finish()
-    log_line(f"finetune: done -> {run_dir}  top-1 {metrics['finetune_top1']:.4f} (linear probe on the same "
-             f"{len(subset)} labels {report['subset_probe_top1']:.4f})  kNN top-1 {metrics['knn_top1']:.4f}")
-    return run_dir
+    return r.finish(model.backbone, art.spec, model.head, metrics, parents=(cfg.artifact,),
+                    meta={"labels_fraction": cfg.labels_fraction, "n_labeled": len(subset)},
+                    summary=f"  fine-tuned top-1 {metrics['finetune_top1']:.4f} (linear probe on the same "
+                            f"{len(subset)} labels {report['subset_probe_top1']:.4f})")

@@ -11,13 +11,15 @@ from core.errors import UserError
 from launch.collect import COSTS, collect
 from launch.grid import plan_sweep, write_sweep_json
 from launch.jobs import STAGES, Planned, check_inputs, resolve
-from launch.pipeline import plan_pipeline
+from launch.pipeline import check_shares, plan_pipeline, split_budget
 from launch.status import status_lines
 from launch.submission import launch
 
 USAGE = """\
 python -m launch submit STAGE CONFIG [key=value ...] [--dry-run]   one stage as one job
-python -m launch pipeline CONFIG [key=value ...] [--dry-run]       byol -> probe -> distill -> prune -> quant
+python -m launch pipeline CONFIG [key=value ...] [budget_min=N] [--dry-run]
+                                                                   byol -> probe -> distill -> prune -> quant;
+                                                                   budget_min: N minutes shared by launch.budget_share
 python -m launch sweep GRID [key=value ...] [--dry-run]            a grid of overrides as one job array,
                                                                    or a pipeline's steps x seeds
 python -m launch status [--run-root DIR] [--all]                   state and logs of launched jobs
@@ -51,8 +53,17 @@ def cmd_pipeline(a) -> int:
     path, overrides = split_config(a.args)
     if path is None:
         raise UserError("pipeline needs a pipeline file: python -m launch pipeline configs/quickstart.yaml")
+    budget, overrides = split_budget(overrides)
     name, planned = plan_pipeline(path, overrides)
-    manifest = launch("pipeline", name, planned, stop_on_failure=True, dry_run=a.dry_run)
+    if budget is not None:
+        check_shares(planned, budget)
+        if planned[0].cfg.launch.cluster == "slurm":  # jobs wait in a queue: each gets its share of N
+            for p in planned:
+                if hasattr(p.cfg, "train"):
+                    p.cfg.train.budget_min = p.cfg.launch.budget_share * budget
+                    p.overrides.append(f"train.budget_min={p.cfg.train.budget_min:g}")
+    manifest = launch("pipeline", name, planned, stop_on_failure=True, dry_run=a.dry_run,
+                      budget_min=budget if budget is not None and planned[0].cfg.launch.cluster != "slurm" else None)
     if manifest and manifest["cluster"] != "slurm":
         done = [p.run_dir for p in planned if (p.run_dir / "metrics.json").is_file()]
         if done:

@@ -16,6 +16,11 @@ input names an earlier step as `@step` (`student: "@byol18"`), a directory, or "
       byol18:  {stage: byol, model: {arch: resnet18}}
       pruned:  {stage: prune, student: "@byol18", teacher: "@teacher", recovery: ce}
 
+A time budget: `budget_min=N` shares N minutes among the stages by each one's
+`launch.budget_share` (they sum to 1): locally each stage gets its share of what is left when it
+starts (stages that finish early leave more to the next), on SLURM its share of N; it becomes the
+stage's `train.budget_min` (core/loop.py fits the epochs to it).
+
 Overrides: `key=value` applies to every stage whose config has that key (like `common:`;
 `train.max_steps=2` skips the probe, which does not train), `stages.<step>.key=value` to one
 (like its section), e.g. `stages.byol.train.epochs=2 run_root=/scratch/runs`. A key that no
@@ -27,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
@@ -103,6 +108,46 @@ def wire_references(stage: str, step: str, cfg, index: Dict[str, int], planned: 
             extra.append(f"{inp.field}={planned[index[ref]].run_dir}")
             after.append(index[ref])
     return extra, after
+
+
+def split_budget(overrides: Sequence[str]) -> Tuple[Optional[float], List[str]]:
+    """`budget_min=N` (minutes for the whole pipeline) out of the pipeline's overrides."""
+    rest, budget = [], None
+    for item in overrides:
+        if item.split("=", 1)[0] == "budget_min":
+            try:
+                budget = float(item.split("=", 1)[1])
+            except ValueError:
+                raise UserError(f"bad value for 'budget_min': {item.split('=', 1)[1]!r}; expected minutes, "
+                                f"e.g. budget_min=7.5") from None
+            if not budget > 0:
+                raise UserError(f"bad value for 'budget_min': {budget:g}; expected > 0 minutes")
+        else:
+            rest.append(item)
+    return budget, rest
+
+
+def check_shares(planned: Sequence[Planned], budget_min: float) -> None:
+    """Before any work: the stages' launch.budget_share sum to 1, and every stage that trains has one."""
+    shares = {p.variant or p.stage: p.cfg.launch.budget_share for p in planned}
+    bad = [f"{k}={v:g}" for k, v in shares.items() if not 0 <= v <= 1]
+    if bad:
+        raise UserError(f"budget_min={budget_min:g}: launch.budget_share must lie in [0, 1]; got {', '.join(bad)}")
+    unshared = [p.variant or p.stage for p in planned if hasattr(p.cfg, "train") and p.cfg.launch.budget_share == 0]
+    if unshared:
+        raise UserError(f"budget_min={budget_min:g}: stage(s) {', '.join(unshared)} train but have no "
+                        f"launch.budget_share; give every training stage its share in the pipeline file")
+    total = sum(shares.values())
+    if abs(total - 1.0) > 1e-6:
+        raise UserError(f"budget_min={budget_min:g}: the stages' launch.budget_share sum to {total:g}, not 1 "
+                        f"({', '.join(f'{k} {v:g}' for k, v in shares.items())})")
+
+
+def stage_budget_min(left_s: float, shares: Sequence[float], index: int) -> float:
+    """Minutes for stage `index` when `left_s` seconds of the pipeline's budget are left: its
+    share of what is left, among itself and the stages after it."""
+    rest = sum(shares[index:])
+    return max(0.0, left_s) / 60 * (shares[index] / rest if rest > 0 else 0.0)
 
 
 def plan_pipeline(path: str | Path, overrides: Sequence[str] = (), name_suffix: str = "") -> Tuple[str, List[Planned]]:

@@ -16,6 +16,7 @@ from core import checkpoint as ckpt
 from core.config import to_yaml
 from core.errors import UserError
 from launch import status
+from launch.pipeline import stage_budget_min
 from launch.jobs import (Planned, StageJob, check_slurm, launch_settings, make_executor, sbatch_script,
                          slurm_parameters, submitit_folder, wait_local)
 
@@ -64,11 +65,14 @@ def preflight(planned: Sequence[Planned], array: bool, dry_run: bool = False) ->
 
 def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False, stop_on_failure: bool = True,
            dry_run: bool = False, extra: Optional[dict] = None, on_record: Optional[Callable[[Path], None]] = None,
-           say: Callable[[str], None] = print) -> Optional[dict]:
+           say: Callable[[str], None] = print, budget_min: Optional[float] = None) -> Optional[dict]:
     """Submit (slurm) or run (local/debug) the plan; returns the manifest, None on a dry run.
 
     `on_record(record_dir)` runs once every check has passed, just before the first job goes out.
+    `budget_min` (local runs): minutes for all the jobs, shared by their launch.budget_share as
+    each starts (launch.pipeline.stage_budget_min).
     """
+    started = time.time()
     if not planned:
         raise UserError("nothing to launch")
     preflight(planned, array, dry_run)
@@ -97,7 +101,8 @@ def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False,
     if settings.cluster == "slurm":
         _submit_slurm(planned, configs, folder, array, manifest, say)
     else:
-        _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say)
+        _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say,
+                     (budget_min, started) if budget_min else None)
     status.write_manifest(record, manifest)
     manifest["record"] = str(record)
     return manifest
@@ -128,8 +133,9 @@ def _submit_slurm(planned, configs, folder, array, manifest, say) -> None:
         say(f"submitted {p.job_name}: job {job.job_id}{waits} -> {p.run_dir}\n  log: {job.paths.stdout}")
 
 
-def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say) -> None:
+def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say, budget=None) -> None:
     failed: set = set()
+    shares = [p.cfg.launch.budget_share for p in planned]
     for i, p in enumerate(planned):
         entry = manifest["jobs"][i]
         blocked = [planned[j].job_name for j in p.after if j in failed]
@@ -138,6 +144,13 @@ def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, sa
             entry.update(state="NOT_RUN", error=f"not run: {', '.join(blocked) or 'an earlier job'} failed")
             say(f"skipped {p.job_name}: {entry['error']}")
             continue
+        if budget is not None and hasattr(p.cfg, "train") and not (Path(p.run_dir) / "metrics.json").is_file():
+            total_min, started = budget  # this stage's share of what is left of the pipeline's budget
+            p.cfg.train.budget_min = stage_budget_min(total_min * 60 - (time.time() - started), shares, i)
+            ckpt.atomic_write_text(configs[i], to_yaml(p.cfg))
+            entry["budget_min"] = p.cfg.train.budget_min
+            say(f"budget: {p.job_name} gets {p.cfg.train.budget_min:.2f} of the {total_min:g} minutes "
+                f"({(time.time() - started) / 60:.2f} spent)")
         job = make_executor(p.cfg.launch, folder).submit(StageJob(p.stage, configs[i]))
         entry.update(job_id=str(job.job_id), state="RUNNING", stdout=str(job.paths.stdout),
                      stderr=str(job.paths.stderr))

@@ -22,6 +22,7 @@ from core.config import StageConfig, to_dict, to_yaml
 from core.errors import UserError
 from core.evaluate import evaluate_backbone
 from core.models import count_macs, count_params
+from core.loop import write_metrics
 from core.track import Tracker, log_line
 
 STAGE = "probe"
@@ -65,9 +66,7 @@ def run(cfg: Config) -> Path:
         log_line(f"probe: {int8.verdict_line(metrics)}")
     ckpt.atomic_save({"head": head.state_dict(), "source": str(source), "num_classes": splits.num_classes,
                       "data": cfg.data.name}, run_dir / "head.pt")
-    ckpt.write_json(run_dir / "metrics.json", metrics)
-    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.finish()
+    write_metrics(run_dir, metrics, tracker)
     log_line(f"probe: {source}: kNN top-1 {metrics['knn_top1']:.4f}  probe top-1 {metrics['probe_top1']:.4f}"
              f"  top-5 {metrics['probe_top5']:.4f} -> {run_dir}")
     return run_dir

@@ -56,20 +56,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
+from torch.optim.swa_utils import update_bn
 
 from core import checkpoint as ckpt
-from core import data as datalib
 from core import engine
-from core.augment import AugmentConfig, augment_view, eval_view, normalize
-from core.config import StageConfig, TrainConfig, choice, to_dict, to_yaml
+from core.augment import AugmentConfig, eval_view, one_view, supervised_aug
+from core.config import StageConfig, TrainConfig, choice
 from core.distill import Distiller, DistillLossConfig, load_teacher
 from core.errors import UserError
-from core.evaluate import (assert_unchanged, evaluate_backbone, extract_features, linear_cka, snapshot,
+from core.evaluate import (assert_unchanged, evaluate_backbone, extract_features, features_cka, snapshot,
                            train_linear_probe)
 from core.latency import LatencyConfig, latency_metrics
+from core.loop import Run
 from core.models import Classifier, backbone_from_spec, backbone_spec, count_macs, count_params
-from core.track import Progress, Tracker, log_line
-from core.optim import LARS, lr_schedule  # lightly's LARS update, foreach (no per-parameter loop or sync)
+from core.optim import build_optimizer
+from core.track import log_line
 
 STAGE = "prune"
 
@@ -92,22 +93,16 @@ class PruneConfig:
     # rounded channel counts allow (see `macs_tolerance`).
     global_pruning: bool = True
     iterative_steps: int = 1  # prune in this many equal steps, re-ranking importance after each
-    # Kept channel counts are multiples of this. 32: oneDNN's int8 convolutions (what the quant
-    # stage exports) fall off their fast path at batch 1 otherwise. Measured on the 2-core CPU
-    # (AVX-512 VNNI): the quickstart's pruned ResNet-18 as int8 ran 45 ms at batch 1 with widths
-    # like 40 and 104 (round_to=8), 2.7 ms at round_to=16; the CIFAR ResNet-18 pruned to half its
-    # MACs by configs/pipelines/cifar10.yaml's rehearsal ran 21-27 ms with widths 48, 144, 240
-    # (round_to=16) and 2.2-3.7 ms at round_to=32 (bench/prune_widths_cpu.sh; README, "CIFAR-10
-    # end to end").
+    # Kept channel counts are multiples of this: oneDNN's int8 convolutions (what the quant stage
+    # exports) leave their fast path at batch 1 on other widths (bench/prune_widths_cpu.sh measures
+    # it; README, "CIFAR-10 end to end").
     round_to: int = 32
     max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
     keep_embedding: bool = False  # True: the pooled embedding keeps its full width
     # Fixed fractions of channels removed from named parts of the backbone (`{layer4: 0.7}`),
-    # each ranked on its own (Torch-Pruning's pruning_ratio_dict); the rest is pruned to the
-    # MACs target. Why: the MACs target alone leaves the parameters where they were measured
-    # cheapest, and a ResNet-18's layer4 holds 75% of its parameters but ~25% of its MACs at
-    # 32 px. configs/pipelines/cifar10.yaml's rehearsal (README) pruned to 48% of the MACs and
-    # kept 67% of the parameters: an int8 file 9.6x smaller than the teacher's, not 20x.
+    # each ranked on its own (Torch-Pruning's pruning_ratio_dict); the rest is pruned to the MACs
+    # target. Why: a MACs target alone removes little of a ResNet-18's layer4, which holds most of
+    # its parameters at few of its MACs (README, "CIFAR-10 end to end", has the rehearsal's sizes).
     layer_ratios: Dict[str, float] = field(default_factory=dict)
     # The ratio search stops as soon as target - tol <= achieved <= target, or after
     # `search_trials` prunings; the result is always <= target (the closest one found).
@@ -115,9 +110,8 @@ class PruneConfig:
     search_trials: int = 10
     taylor_batches: int = 4  # labelled batches whose loss gradients rank channels for taylor
     # Removing channels changes what every later BatchNorm sees, so the student's running
-    # statistics go stale (measured here: a pruned digits ResNet-18 gave CE 12.5 with batch
-    # statistics against 0.03 with its stored ones). Re-estimate them on this many training
-    # batches after pruning (adaptive BN, EagleEye, Li et al. ECCV 2020); 0 keeps them.
+    # statistics go stale: re-estimate them on this many training batches after pruning
+    # (adaptive BN, EagleEye, Li et al. ECCV 2020); 0 keeps them.
     bn_recalibration_batches: int = 20
 
 
@@ -126,12 +120,6 @@ def default_train() -> TrainConfig:
     # new distillation projector (random at step 0) finds its feet.
     return TrainConfig(epochs=10, batch_size=256, optimizer="sgd", lr=0.05, weight_decay=5e-4,
                        warmup_epochs=1.0)
-
-
-def default_aug() -> AugmentConfig:
-    # Fine-tuning views: crop + flip; BYOL's colour, blur and solarize are off (one view a step).
-    return AugmentConfig(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p1=0.0, blur_p2=0.0,
-                         solarize_p1=0.0, solarize_p2=0.0)
 
 
 @dataclass
@@ -170,7 +158,7 @@ class Config(StageConfig):
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)  # off by default
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)  # default: embed (cosine), label-free
     train: TrainConfig = field(default_factory=default_train)
-    aug: AugmentConfig = field(default_factory=default_aug)
+    aug: AugmentConfig = field(default_factory=supervised_aug)  # crop + flip
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
 
@@ -336,30 +324,10 @@ def prune_to_target(model: Classifier, image_size: int, cfg: PruneConfig,
     return best
 
 
-@torch.no_grad()
-def recalibrate_bn(backbone: nn.Module, views) -> int:
-    """BatchNorm running statistics := their plain average over `views` (an iterable of input
-    batches), with nothing else changed; returns the number of batches seen."""
-    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches, not an EMA
-    was_training, seen = backbone.training, 0
-    backbone.train()
-    for x in views:
-        backbone(x)
-        seen += 1
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    backbone.train(was_training)
-    return seen
-
-
-def model_metrics(backbone: nn.Module, image_size: int, latency_cfg: LatencyConfig, file: Path) -> dict:
-    """params, MACs, file size and latency: the cost side of the before/after table."""
+def model_metrics(backbone: nn.Module, image_size: int, latency_cfg: LatencyConfig) -> dict:
+    """params, MACs and latency: the cost side of the before/after table."""
     return {"params": count_params(backbone), "macs": count_macs(backbone, image_size),
-            "file_mb": file.stat().st_size / 2**20, **latency_metrics(backbone, image_size, latency_cfg)}
+            **latency_metrics(backbone, image_size, latency_cfg)}
 
 
 # ----------------------------------------------------------------------------- BN scales
@@ -412,21 +380,136 @@ def plot_bn_scales(report: dict, path: Path) -> Path:
 # ----------------------------------------------------------------------------- training
 
 
-def build_optimizer(cfg: TrainConfig, params: List[nn.Parameter], lr: float):
-    # No weight decay on BatchNorm and bias parameters (the vectors), as in every stage here.
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr)
+def load_classifier(state: dict, cfg: Config, device: torch.device) -> Classifier:
+    """The model of a checkpoint: the backbone rebuilt from its spec, its weights, its head."""
+    backbone = backbone_from_spec(state["spec"])
+    backbone.load_state_dict(state["backbone"])
+    w = state["head"]["weight"]
+    head = nn.Linear(w.shape[1], w.shape[0])
+    head.load_state_dict(state["head"])
+    return engine.prepare_module(Classifier(backbone, head), cfg.engine, device)
 
 
-def head_from_state(state: dict) -> nn.Linear:
-    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    head.load_state_dict(state)
-    return head
+def student_state(r: Run, student: ckpt.Artifact, cfg: Config) -> dict:
+    """The step-0 checkpoint's content: the unpruned student with a probe head (fitted on its
+    frozen features if it has none), its costs, its BN scales."""
+    splits, size = r.splits, r.splits.image_size
+    before = {**model_metrics(student.backbone, size, cfg.latency), "file_mb": student.path.stat().st_size / 2**20}
+    head = student.head
+    if head is None:  # a new linear head on labels: a probe fitted on the frozen features
+        features = extract_features(student.backbone.to(r.device), splits.train.images, splits.mean, splits.std,
+                                    size, r.device, cfg.eval.feature_batch_size, r.bf16)
+        head = train_linear_probe(features, splits.train.labels.cpu(), splits.num_classes, cfg.eval.probe_epochs,
+                                  cfg.eval.probe_lr, cfg.eval.probe_weight_decay, cfg.eval.probe_batch_size,
+                                  cfg.seed, r.device)
+    report = {f"{k}_before": v for k, v in before.items() if k != "latency_cpu_threads"}
+    report["embedding_dim_before"] = head.in_features
+    return {"pruned": False, "spec": backbone_spec(student.backbone, student.spec["arch"], student.spec["cifar_stem"]),
+            "backbone": student.backbone.state_dict(), "head": head.state_dict(), "report": report,
+            "bn_scales_before": bn_scales(student.backbone)}
+
+
+def train_range(r: Run, cfg: Config, phase: str, model: Classifier, teacher, start: int, end: int,
+                regularize: Optional[Callable[[nn.Module], None]] = None) -> None:
+    """Train `model` over the global steps [start, end) (sparsity, or recovery of the pruned
+    student) with the recovery objective, resuming inside the range when checkpoint.pt is there;
+    `regularize(model)` runs after every backward (network slimming's BN-scale penalty)."""
+    if end <= start:  # train.epochs=0: pruned, not recovered
+        return
+    device, splits, size = r.device, r.splits, r.splits.image_size
+    # Whatever ran before must not change what follows: a job restarted from the range's first
+    # checkpoint initialises the distillation adapters exactly as an unbroken one.
+    torch.manual_seed(cfg.seed * 1_000_003 + {"recovery": 1, "sparsity": 2}[phase])
+    distiller = None
+    if cfg.recovery == "distill":
+        distiller = Distiller(teacher, model.backbone, cfg.loss, splits.num_classes, size).to(device)
+        if distiller.student_head is not None:  # kd/ce start from the model's probe head, not at random
+            distiller.student_head.load_state_dict(model.head.state_dict())
+    trainable = distiller if distiller is not None else model
+    step_module = trainable
+    if r.dist.world_size > 1:
+        step_module = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    step_fwd = engine.maybe_compile(step_module, cfg.engine, device)
+    params = [*model.parameters()] if distiller is None else [*model.backbone.parameters(),
+                                                               *distiller.adapter_parameters()]
+    optimizer = build_optimizer(cfg.train, params, r.base_lr())
+    objects = {"backbone": model.backbone, "head": model.head, "optimizer": optimizer,
+               **({"distiller": distiller} if distiller is not None else {})}
+    if r.step > start:
+        r.resume(**objects)
+    else:  # the range's first step: the model is the checkpoint's, the rest is new
+        r.register(**objects)
+
+    def penalised_l1(done_epochs: int) -> dict:  # what sparsity training drives down, every epoch
+        return {"bn_scale_l1": float(bn_scales(model.backbone).sum())} if phase == "sparsity" else {}
+
+    freeze_steps = int(cfg.adapter_warmup_epochs * r.steps_per_epoch)
+    trainable.train()
+    for s in r.steps(optimizer, start=start, end=None if phase == "recovery" else end, phase=phase,
+                     monitor=r.knn_monitor(model.backbone), per_epoch=penalised_l1,
+                     log_prefix="train" if phase == "recovery" else phase):
+        frozen = s.index - start < freeze_steps
+        model.backbone.train(not frozen)
+        view = one_view(s.images, size, cfg.aug, s.generator, splits.mean, splits.std)  # teacher and student alike
+        if device.type == "cuda" and cfg.engine.channels_last:
+            view = view.contiguous(memory_format=torch.channels_last)
+        with engine.autocast(cfg.engine, device):
+            if distiller is not None:
+                loss, parts = step_fwd(view, s.labels)
+            else:
+                loss = F.cross_entropy(step_fwd(view), s.labels)
+                parts = {"ce": loss.detach()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if frozen:  # no grad, no weight decay, no momentum: the backbone does not move
+            for p in model.backbone.parameters():
+                p.grad = None
+        if regularize is not None:  # + reg * sign(gamma) on each BN scale's gradient (none when frozen)
+            regularize(model)
+        optimizer.step()
+        r.record(loss, parts)
+    if distiller is not None:
+        if distiller.student_head is not None:
+            # kd/ce trained the distiller's copy of the head; the model's follows it (pruning reshapes
+            # it, Taylor importance and the recovery's kd/ce start from it).
+            model.head.load_state_dict(distiller.student_head.state_dict())
+        distiller.remove_hooks()  # the student outlives its Distiller (pruned next)
+
+
+def prune_student(r: Run, cfg: Config, model: Classifier, report: dict) -> Tuple[Classifier, dict]:
+    """Prune to the MACs target (a pure function of the weights, the config and the data),
+    re-estimate BatchNorm, judge the result before recovery. Returns (pruned model, report)."""
+    splits, size = r.splits, r.splits.image_size
+
+    def taylor_loss(m: nn.Module) -> torch.Tensor:
+        """Cross-entropy of the student's head on the first labelled batches (no augmentation)."""
+        loss, it = 0.0, r.batches(epoch=0)
+        for _ in range(cfg.prune.taylor_batches):
+            images, labels = next(it, (None, None))
+            if images is None:
+                break
+            loss = loss + F.cross_entropy(m(eval_view(images, size, splits.mean, splits.std)), labels)
+        return loss / cfg.prune.taylor_batches
+
+    start = time.perf_counter()
+    model, ratio, macs = prune_to_target(model.eval(), size, cfg.prune, taylor_loss)
+    pruned = model.backbone
+    if cfg.prune.bn_recalibration_batches:  # adaptive BN (EagleEye): statistics of the pruned network
+        update_bn((eval_view(images, size, splits.mean, splits.std) for images, _ in
+                   itertools.islice(r.batches(epoch=0), cfg.prune.bn_recalibration_batches)), pruned)
+        pruned.eval()
+    # Judged before recovery too, so metrics.json shows what pruning cost and recovery won back.
+    after, _ = evaluate_backbone(pruned, splits, cfg.eval, r.device, r.bf16, cfg.seed, cfg.eval.probe)
+    report = {**report, "target_macs_ratio": cfg.prune.target_macs_ratio, "pruning_ratio": ratio,
+              "macs_ratio": macs / report["macs_before"], "params_ratio": count_params(pruned) / report["params_before"],
+              "prune_seconds": time.perf_counter() - start,
+              **{f"{k}_pruned": v for k, v in after.items()},  # knn_top1_pruned, probe_top1_pruned, ...
+              "embedding_dim": model.head.in_features}
+    log_line(f"prune: MACs {report['macs_before'] / 1e6:.1f}M -> {macs / 1e6:.1f}M ({report['macs_ratio']:.3f}, "
+             f"target {cfg.prune.target_macs_ratio}), params {report['params_before'] / 1e6:.2f}M -> "
+             f"{count_params(pruned) / 1e6:.2f}M, kNN top-1 right after pruning {after['knn_top1']:.4f}")
+    return model, report
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -434,322 +517,82 @@ def head_from_state(state: dict) -> nn.Linear:
 
 def run(cfg: Config) -> Path:
     check_config(cfg)
-    run_dir = ckpt.artifact_dir(cfg.run_root, STAGE, cfg.name)
-    if (run_dir / "model.pt").is_file() and (run_dir / "metrics.json").is_file():
-        log_line(f"prune: {run_dir} is already finished; nothing to do")
-        return run_dir
-    student_dir = Path(cfg.student)
-    started = (run_dir / "checkpoint.pt").is_file()  # then the student is not needed again
-    student = None if started else ckpt.load_model(student_dir, "student")  # fails before any work
+    r = Run(cfg, STAGE)
+    if r.done:
+        return r.dir
+    student = None if r.state else ckpt.load_model(Path(cfg.student), "student")  # fails before any work
     teacher = load_teacher(cfg.teacher, cfg.teacher_head, need_head=cfg.recovery == "distill" and cfg.loss.kd > 0) \
         if cfg.teacher else None
     teacher_frozen = snapshot(teacher.backbone) if teacher is not None else None
 
-    # ============ device, seeds, distributed ... ============
-    device = engine.resolve_device(cfg.engine)
-    dist = engine.init_distributed(device)
-    engine.seed_everything(cfg.seed + dist.rank, cfg.engine.deterministic)
-    bf16 = engine.use_bf16(cfg.engine, device)
-
-    # ============ data: uint8 images resident on the device ============
-    splits = datalib.load_splits(cfg.data)
-    in_memory = isinstance(splits.train, datalib.ImageSet)
-    train_set = splits.train.to(device) if in_memory else splits.train
-    size, batch_size = splits.image_size, cfg.train.batch_size
-    steps_per_epoch = datalib.steps_per_epoch(len(train_set), batch_size, dist.world_size)
-    # One step counter for both phases: [0, sparsity_steps) sparsity, then recovery.
-    sparsity_steps = cfg.sparsity.epochs * steps_per_epoch
-    total_steps = sparsity_steps + cfg.train.epochs * steps_per_epoch
-    stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
+    # ============ device, DDP, seed, data; one step counter: [0, S) sparsity, [S, S + R) recovery ============
+    r.start(epochs=cfg.sparsity.epochs + cfg.train.epochs)
+    device, splits, size = r.device, r.splits, r.splits.image_size
+    sparsity_steps = cfg.sparsity.epochs * r.steps_per_epoch
     if student is not None and student.meta.get("data") not in (None, cfg.data.name):
-        log_line(f"prune: note: {student_dir} was trained on {student.meta.get('data')}, pruning on {cfg.data.name}")
-
-    def batches(epoch: int, first: int = 0):
-        order = datalib.epoch_permutation(len(train_set), cfg.seed, epoch, dist.rank, dist.world_size)
-        if in_memory:
-            return datalib.in_memory_batches(train_set, order, batch_size, first)
-        return datalib.jpeg_batches(train_set, order, batch_size, size, device, cfg.data.num_workers, first)
-
-    def load_classifier(state: dict) -> Classifier:
-        """The model of a checkpoint: the backbone rebuilt from its spec, its weights, its head."""
-        backbone = backbone_from_spec(state["spec"])
-        backbone.load_state_dict(state["backbone"])
-        return engine.prepare_module(Classifier(backbone, head_from_state(state["head"])), cfg.engine, device)
+        log_line(f"prune: note: {cfg.student} was trained on {student.meta.get('data')}, pruning on {cfg.data.name}")
 
     # ============ the student, once: its costs and a probe head; checkpoint.pt at step 0 ============
-    if not started and dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        before = model_metrics(student.backbone, size, cfg.latency, student.path)
-        head = student.head
-        if head is None:  # a new linear head on labels: a probe fitted on the frozen features
-            features = extract_features(student.backbone.to(device), splits.train.images, splits.mean, splits.std,
-                                        size, device, cfg.eval.feature_batch_size, bf16)
-            head = train_linear_probe(features, splits.train.labels.cpu(), splits.num_classes, cfg.eval.probe_epochs,
-                                      cfg.eval.probe_lr, cfg.eval.probe_weight_decay, cfg.eval.probe_batch_size,
-                                      cfg.seed, device)
-        report = {f"{k}_before": v for k, v in before.items() if k != "latency_cpu_threads"}
-        report["embedding_dim_before"] = head.in_features
-        ckpt.atomic_save({
-            "pruned": False, "step": 0,
-            "spec": backbone_spec(student.backbone, student.spec["arch"], student.spec["cifar_stem"]),
-            "backbone": student.backbone.state_dict(), "head": head.state_dict(), "report": report,
-            "bn_scales_before": bn_scales(student.backbone), "wandb_id": None, "history": [],
-        }, run_dir / "checkpoint.pt")
+    if r.state is None:
+        if r.dist.is_main:
+            r.extra = student_state(r, student, cfg)
+            r.save()
         del student
-    engine.barrier(dist)
-    state = ckpt.safe_load(run_dir / "checkpoint.pt")
-    tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{cfg.name}", to_dict(cfg), state["wandb_id"], enabled=dist.is_main)
-
-    def train_phase(phase: str, model: Classifier, state: dict, start: int, end: int,
-                    regularize: Optional[Callable[[nn.Module], None]] = None) -> Tuple[int, float, List[float]]:
-        """Train `model` over the global steps [start, end) with the recovery objective, from the
-        checkpoint `state` (resuming inside the phase if state["step"] > start), calling
-        `regularize(model)` after every backward; checkpoint.pt follows it. Returns the step
-        reached (< end when train.max_steps stopped it), the last loss and the whole epochs' seconds.
-        """
-        # ============ objective: distillation from the teacher, or cross-entropy ============
-        # Whatever ran before must not change what follows: a job restarted from the phase's
-        # first checkpoint initialises the distillation adapters exactly as an unbroken one.
-        salt = {"recovery": 1, "sparsity": 2}[phase]
-        torch.manual_seed(cfg.seed * 1_000_003 + salt + dist.rank)
-        distiller = None
-        if cfg.recovery == "distill" and end > start:
-            distiller = Distiller(teacher, model.backbone, cfg.loss, splits.num_classes, size).to(device)
-            if distiller.student_head is not None:  # kd/ce start from the model's probe head, not at random
-                distiller.student_head.load_state_dict(model.head.state_dict())
-            trainable: nn.Module = distiller
-        else:
-            trainable = model
-        step_module = trainable
-        if dist.world_size > 1:
-            step_module = nn.parallel.DistributedDataParallel(
-                trainable, device_ids=[device.index] if device.type == "cuda" else None)
-        step_fwd = engine.maybe_compile(step_module, cfg.engine, device)
-
-        # ============ optimizer, schedule ============
-        base_lr = cfg.train.lr * batch_size * dist.world_size / 256  # linear scaling rule
-        params = list(model.parameters()) if distiller is None else \
-            list(model.backbone.parameters()) + list(distiller.adapter_parameters())
-        optimizer = build_optimizer(cfg.train, params, base_lr)
-        lrs = lr_schedule(cfg.train, base_lr, end - start, steps_per_epoch)
-        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + (salt - 1) * 104_729 + dist.rank)
-
-        # ============ resume ============
-        step, history = state["step"], state["history"]
-        if step > start:
-            optimizer.load_state_dict(state["optimizer"])
-            aug_gen.set_state(state["aug_rng"].cpu() if device.type == "cpu" else state["aug_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            if distiller is not None:
-                distiller.load_state_dict(state["distiller"])
-            if dist.is_main:
-                log_line(f"prune: resumed {run_dir} at step {step}/{total_steps} ({phase})")
-        # What the checkpoints of this phase carry over unchanged.
-        kept = {k: state[k] for k in ("pruned", "spec", "report", "bn_scales_before") if k in state}
-
-        def save_checkpoint():
-            if not dist.is_main:
-                return
-            ckpt.atomic_save({
-                **kept, "step": step, "backbone": model.backbone.state_dict(), "head": model.head.state_dict(),
-                "optimizer": optimizer.state_dict(), "aug_rng": aug_gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "wandb_id": tracker.id, "history": history,
-                **({"distiller": distiller.state_dict()} if distiller is not None else {}),
-            }, run_dir / "checkpoint.pt")
-
-        # ============ training loop ============
-        last = min(end, stop_at)
-        progress = Progress(last, step, desc=f"prune {cfg.name} {phase}",
-                            enabled=cfg.engine.progress and dist.is_main)
-        trainable.train()
-        freeze_steps = int(cfg.adapter_warmup_epochs * steps_per_epoch)
-        prefix = "train" if phase == "recovery" else phase  # W&B names: train/loss, sparsity/loss, ...
-        epoch_seconds, loss_value = [], float("nan")
-        with engine.StopGuard() as guard:
-            while step < last:
-                epoch, first = divmod(step, steps_per_epoch)
-                epoch_start = time.perf_counter()
-                for images, labels in batches(epoch, first):
-                    frozen = step - start < freeze_steps
-                    model.backbone.train(not frozen)
-                    # a float: a numpy scalar in the optimizer state would not load with weights_only
-                    lr = float(lrs[step - start])
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    # One augmented view; teacher and student see the same one.
-                    view = normalize(augment_view(images, size, cfg.aug, cfg.aug.blur_p1, cfg.aug.solarize_p1, aug_gen),
-                                     splits.mean, splits.std)
-                    if device.type == "cuda" and cfg.engine.channels_last:
-                        view = view.contiguous(memory_format=torch.channels_last)
-                    with engine.autocast(cfg.engine, device):
-                        if distiller is not None:
-                            loss, parts = step_fwd(view, labels)
-                        else:
-                            loss = F.cross_entropy(step_fwd(view), labels)
-                            parts = {"ce": loss.detach()}
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if frozen:  # no grad, no weight decay, no momentum: the backbone does not move
-                        for p in model.backbone.parameters():
-                            p.grad = None
-                    if regularize is not None:  # + reg * sign(gamma) on each BN scale's gradient (none when frozen)
-                        regularize(model)
-                    optimizer.step()
-                    step += 1
-
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
-                        raise SystemExit(f"prune: loss is {loss_value} at step {step} ({phase}); stopping "
-                                         f"(last good checkpoint: {run_dir / 'checkpoint.pt'})")
-                    progress.update(len(images) * dist.world_size, loss=loss_value, lr=lr, epoch=epoch)
-                    if step % 10 == 0 or step == last:
-                        tracker.log({f"{prefix}/loss": loss_value, f"{prefix}/lr": lr,
-                                     **{f"{prefix}/{k}": v.item() for k, v in parts.items()}}, step=step)
-                    if guard.stop_requested:
-                        save_checkpoint()
-                        tracker.finish()
-                        guard.stop()
-                    if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                        save_checkpoint()
-                    if step == last:
-                        break
-
-                if step % steps_per_epoch == 0:  # a whole epoch ended here
-                    if first == 0:  # a resumed partial epoch would understate the time
-                        epoch_seconds.append(time.perf_counter() - epoch_start)
-                    done_epochs, every = (step - start) // steps_per_epoch, cfg.eval.knn_every_epochs
-                    values = {}
-                    if phase == "sparsity":  # the penalised quantity, every epoch
-                        values["bn_scale_l1"] = float(bn_scales(model.backbone).sum())
-                    if dist.is_main and every and (done_epochs % every == 0 or step == end):
-                        knn, _ = evaluate_backbone(model.backbone, splits, cfg.eval, device, bf16, probe=False)
-                        values["knn_top1"] = knn["knn_top1"]
-                    if dist.is_main and values:
-                        history.append({"phase": phase, "epoch": done_epochs, "step": step, "loss": loss_value,
-                                        **values})
-                        tracker.log({**{f"val/{k}": v for k, v in values.items()}, "epoch": step // steps_per_epoch},
-                                    step=step)
-                        progress.write(f"{phase} epoch {done_epochs}: loss {loss_value:.4f}  "
-                                       + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-                save_checkpoint()
-        progress.close()
-        if distiller is not None and distiller.student_head is not None:
-            # kd/ce trained the distiller's copy of the head; the model's follows it (pruning reshapes
-            # it, Taylor importance and the recovery's kd/ce start from it).
-            model.head.load_state_dict(distiller.student_head.state_dict())
-        return step, loss_value, epoch_seconds
-
-    def stopped(step: int) -> Path:
-        """train.max_steps ended the job early on purpose: resumable, not final."""
-        tracker.finish()
-        log_line(f"prune: stopped at step {step}/{total_steps} (train.max_steps); rerun to continue")
-        return run_dir
+        r.reload()  # from here on the model always comes from checkpoint.pt
 
     # ============ sparsity: network slimming of the unpruned student (sparsity.epochs > 0) ============
-    if not state.get("pruned", True):  # (checkpoints written before the sparsity phase existed hold pruned weights)
-        model = load_classifier(state)
-        example = torch.zeros(1, 3, size, size, device=device)
+    if not r.state.get("pruned", True):
+        model = load_classifier(r.state, cfg, device)
+        r.extra = {k: r.state[k] for k in ("pruned", "spec", "report", "bn_scales_before")}
         if sparsity_steps:
-            if dist.is_main and cfg.prune.importance != "bn_scale" and state["step"] == 0:
+            if r.dist.is_main and cfg.prune.importance != "bn_scale" and r.step == 0:
                 log_line(f"prune: note: sparsity training drives BN scales to 0; prune.importance="
                          f"{cfg.prune.importance} ranks channels by something else (network slimming is bn_scale)")
+            example = torch.zeros(1, 3, size, size, device=device)
             slimmer = build_pruner(model, example, cfg.prune, sparsity_reg=cfg.sparsity.reg)
-            step, _, _ = train_phase("sparsity", model, state, 0, sparsity_steps, slimmer.regularize)
-            if step == stop_at < total_steps:  # train.max_steps <= sparsity_steps: stop before pruning
-                return stopped(step)
+            train_range(r, cfg, "sparsity", model, teacher, 0, sparsity_steps, slimmer.regularize)
+            if r.paused(sparsity_steps):  # train.max_steps <= sparsity_steps: stopped before pruning
+                return r.dir
 
         # ============ prune (once; afterwards the model always comes from checkpoint.pt) ============
-        if dist.is_main:
-            report = state["report"]
-            report.update({"sparsity_epochs": cfg.sparsity.epochs, "sparsity_reg": cfg.sparsity.reg})
+        if r.dist.is_main:
+            report = {**r.state["report"], "sparsity_epochs": cfg.sparsity.epochs, "sparsity_reg": cfg.sparsity.reg}
             if sparsity_steps:  # "after" = after sparsity training, before pruning
-                report.update(bn_scale_report(state["bn_scales_before"], bn_scales(model.backbone)))
-
-            def taylor_loss(m: nn.Module) -> torch.Tensor:
-                """Cross-entropy of the student's head on the first labelled batches (no augmentation)."""
-                loss, it = 0.0, batches(epoch=0)
-                for _ in range(cfg.prune.taylor_batches):
-                    images, labels = next(it, (None, None))
-                    if images is None:
-                        break
-                    loss = loss + F.cross_entropy(m(eval_view(images, size, splits.mean, splits.std)), labels)
-                return loss / cfg.prune.taylor_batches
-
-            start = time.perf_counter()
-            model, ratio, macs = prune_to_target(model.eval(), size, cfg.prune, taylor_loss)
-            pruned = model.backbone
-            if cfg.prune.bn_recalibration_batches:
-                recalibrate_bn(pruned, (eval_view(images, size, splits.mean, splits.std) for images, _ in
-                                        itertools.islice(batches(epoch=0), cfg.prune.bn_recalibration_batches)))
-            # Judged before recovery too, so metrics.json shows what pruning cost and recovery won back.
-            after_prune, _ = evaluate_backbone(pruned, splits, cfg.eval, device, bf16, cfg.seed, cfg.eval.probe)
-            report.update({
-                "target_macs_ratio": cfg.prune.target_macs_ratio, "pruning_ratio": ratio,
-                "macs_ratio": macs / report["macs_before"],
-                "params_ratio": count_params(pruned) / report["params_before"],
-                "prune_seconds": time.perf_counter() - start,
-                **{f"{k}_pruned": v for k, v in after_prune.items()},  # knn_top1_pruned, probe_top1_pruned, ...
-                "embedding_dim": model.head.in_features,
-            })
-            log_line(f"prune: MACs {report['macs_before'] / 1e6:.1f}M -> {macs / 1e6:.1f}M "
-                     f"({report['macs_ratio']:.3f}, target {cfg.prune.target_macs_ratio}), "
-                     f"params {report['params_before'] / 1e6:.2f}M -> "
-                     f"{count_params(pruned) / 1e6:.2f}M, kNN top-1 right after pruning {after_prune['knn_top1']:.4f}")
-            ckpt.atomic_save({
-                "pruned": True, "step": sparsity_steps, "spec": backbone_spec(pruned, state["spec"]["arch"],
-                                                                               state["spec"]["cifar_stem"]),
-                "backbone": pruned.state_dict(), "head": model.head.state_dict(), "report": report,
-                "wandb_id": tracker.id, "history": state["history"],
-            }, run_dir / "checkpoint.pt")
+                report.update(bn_scale_report(r.state["bn_scales_before"], bn_scales(model.backbone)))
+            model, report = prune_student(r, cfg, model, report)
+            spec = backbone_spec(model.backbone, r.state["spec"]["arch"], r.state["spec"]["cifar_stem"])
+            r.extra, r.objects = {"pruned": True, "spec": spec, "report": report}, {}
+            r.register(backbone=model.backbone, head=model.head)
+            r.save()
         del model
-        engine.barrier(dist)
-        state = ckpt.safe_load(run_dir / "checkpoint.pt")
+        r.reload()
 
     # ============ recovery: fine-tune the pruned student ============
-    model = load_classifier(state)
-    step, loss_value, epoch_seconds = train_phase("recovery", model, state, sparsity_steps, total_steps)
-    if step < total_steps:
-        return stopped(step)
+    model = load_classifier(r.state, cfg, device)
+    r.extra = {k: r.state[k] for k in ("pruned", "spec", "report")}
+    train_range(r, cfg, "recovery", model, teacher, sparsity_steps, r.total_steps)
+    if r.paused():
+        return r.dir
 
     # ============ final artifact: weights, probe, metrics ============
-    if dist.is_main:
-        if teacher is not None:
-            assert_unchanged(teacher.backbone, teacher_frozen, "the teacher")
-        spec, report, history = state["spec"], state["report"], state["history"]
-        backbone = model.backbone
-        metrics, head = evaluate_backbone(backbone, splits, cfg.eval, device, bf16, cfg.seed, cfg.eval.probe)
-        parents = [str(student_dir)] + ([cfg.teacher] if cfg.teacher else [])
-        meta = {"stage": STAGE, "name": cfg.name, "data": cfg.data.name, "num_classes": splits.num_classes,
-                "image_size": size, "mean": list(splits.mean), "std": list(splits.std), "parents": parents}
-        ckpt.save_model(run_dir, backbone, spec, meta, head)
-        metrics.update(report)
-        metrics.update(model_metrics(backbone, size, cfg.latency, run_dir / "model.pt"))
-        before_metrics = ckpt.read_metrics(student_dir)
-        for key in ("knn_top1", "probe_top1", "probe_top5"):
-            metrics[f"{key}_before"] = before_metrics.get(key)
-        if teacher is not None:  # how much the pruned student still agrees with its teacher
-            f_student = extract_features(backbone, splits.val.images, splits.mean, splits.std, size, device,
-                                         cfg.eval.feature_batch_size, bf16)
-            f_teacher = extract_features(teacher.backbone.to(device), splits.val.images, splits.mean, splits.std,
-                                         size, device, cfg.eval.feature_batch_size, bf16)
-            metrics["cka_teacher"] = linear_cka(f_student, f_teacher)
-        recovery_steps = total_steps - sparsity_steps
-        metrics.update({
-            "stage": STAGE, "arch": spec["arch"], "recovery": cfg.recovery, "importance": cfg.prune.importance,
-            "global_pruning": cfg.prune.global_pruning, "epochs": cfg.train.epochs, "steps": total_steps,
-            "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
-            "final_loss": loss_value if recovery_steps else None, "knn_history": history,
-        })
-        if "bn_scale_hist_edges" in metrics:
-            plot_bn_scales(metrics, run_dir / "bn_scales.png")
-        ckpt.write_json(run_dir / "metrics.json", metrics)
-        tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log_line(f"prune: done -> {run_dir}  MACs {metrics['macs_before'] / 1e6:.1f}M -> {metrics['macs'] / 1e6:.1f}M"
-                 f"  kNN top-1 {metrics['knn_top1']:.4f}"
-                 + (f"  probe top-1 {metrics['probe_top1']:.4f}" if "probe_top1" in metrics else "")
-                 + (f"  BN-scale L1 {metrics['bn_scale_l1_before']:.1f} -> {metrics['bn_scale_l1_after']:.1f}"
-                    " (sparsity)" if "bn_scale_l1_after" in metrics else ""))
-    tracker.finish()
-    engine.barrier(dist)
-    return run_dir
+    if not r.dist.is_main:
+        return r.finish()
+    if teacher is not None:
+        assert_unchanged(teacher.backbone, teacher_frozen, "the teacher")
+    spec, backbone = r.state["spec"], model.backbone
+    metrics, head = evaluate_backbone(backbone, splits, cfg.eval, device, r.bf16, cfg.seed, cfg.eval.probe)
+    metrics.update(r.state["report"])
+    metrics.update(model_metrics(backbone, size, cfg.latency))
+    before = ckpt.read_metrics(Path(cfg.student))
+    metrics.update({f"{key}_before": before.get(key) for key in ("knn_top1", "probe_top1", "probe_top5")})
+    if teacher is not None:  # how much the pruned student still agrees with its teacher
+        metrics["cka_teacher"] = features_cka(backbone, teacher.backbone, splits, device, cfg.eval.feature_batch_size,
+                                              r.bf16)[0]
+    metrics.update({"arch": spec["arch"], "recovery": cfg.recovery, "importance": cfg.prune.importance,
+                    "global_pruning": cfg.prune.global_pruning, "recovery_epochs": cfg.train.epochs})
+    if "bn_scale_hist_edges" in metrics:
+        plot_bn_scales(metrics, r.dir / "bn_scales.png")
+    return r.finish(backbone, spec, head, metrics, parents=(cfg.student, cfg.teacher),
+                    summary=f"  MACs {metrics['macs_before'] / 1e6:.1f}M -> {metrics['macs'] / 1e6:.1f}M"
+                    + (f"  BN-scale L1 {metrics['bn_scale_l1_before']:.1f} -> {metrics['bn_scale_l1_after']:.1f}"
+                       " (sparsity)" if "bn_scale_l1_after" in metrics else ""))

@@ -1,15 +1,12 @@
 """int8 for x86 CPUs with torchao's PT2E flow: export -> prepare_qat -> train -> convert -> package.
 
 Why PT2E and not torch.ao.quantization's FX QAT (prepare_qat_fx / convert_fx): both work with
-torch 2.14 (FX QAT was measured before this stage, DESIGN.md: 25 ms int8 against 163 ms fp32
-for a CIFAR ResNet-18 at batch 32 on the 2-core test machine), but the FX API is deprecated and
-slated for removal, and its TorchScript output is a dead end too. PT2E is its successor and ends in a file that runs
-without Python model code: the converted graph, exported under `torch.no_grad()` and compiled
-by AOTInductor with freezing, becomes one `.pt2` whose kernels are oneDNN int8 convolutions
-(checked in tests/test_quant.py by reading the package's generated code). Measured here for a
-CIFAR ResNet-18 (bench/latency_artifacts.py --demo, 1 thread of the shared 2-core machine):
-12.6 MiB against 42.7 MiB for the fp32 model.pt (0.30x), 3.5 / 77 ms at batch 1 / 32 against
-17.5 / 336 ms fp32 eager.
+torch 2.14 (DESIGN.md has the FX measurement), but the FX API is deprecated and slated for
+removal, and its TorchScript output is a dead end too. PT2E is its successor and ends in a file
+that runs without Python model code: the converted graph, exported under `torch.no_grad()` and
+compiled by AOTInductor with freezing, becomes one `.pt2` whose kernels are oneDNN int8
+convolutions (checked in tests/test_quant.py by reading the package's generated code; sizes and
+latencies against fp32: bench/latency_artifacts.py, README).
 
 Two things make it work on torchvision's ResNets (DESIGN.md, "Quantization-aware training"):
 - torchvision's BasicBlock/Bottleneck call one `self.relu` module two or three times, and
@@ -241,11 +238,6 @@ def freeze_bn_stats(prepared: torch.fx.GraphModule) -> None:
         move_exported_model_to_eval(prepared)
 
 
-def observers_enabled(prepared: torch.fx.GraphModule) -> bool:
-    flags = [b for name, b in prepared.named_buffers() if name.endswith("observer_enabled")]
-    return bool(flags) and all(bool(f.item()) for f in flags)
-
-
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The real int8 model: BN folded into the convs, int8 weights, q/dq around int8 ops.
 
@@ -291,8 +283,8 @@ def export_package(converted: torch.fx.GraphModule, example: torch.Tensor, path:
             program = torch.export.export(converted, (example,), dynamic_shapes=({0: batch_dim()},))
             configs = {"freezing": True, "aot_inductor.metadata": {k: str(v) for k, v in (metadata or {}).items()}}
             if hasattr(torch._inductor.config.aot_inductor, "enable_line_tables"):
-                # On by default (torch 2.14): -g1 line tables, 1.2 of the quickstart package's 7.4 MB,
-                # for profilers' symbolisation only.
+                # On by default (torch 2.14): -g1 line tables, a sixth of the quickstart package
+                # (README), for profilers' symbolisation only.
                 configs["aot_inductor.enable_line_tables"] = False
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
         tmp.replace(path)  # atomic: a killed compile leaves no half package under the real name

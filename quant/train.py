@@ -31,32 +31,29 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightly.utils.scheduler import cosine_warmup_schedule
 
 from core import checkpoint as ckpt
-from core import data as datalib
 from core import engine
 from core import int8
-from core.augment import AugmentConfig, augment_view, eval_view, normalize
-from core.config import StageConfig, TrainConfig, choice, to_dict, to_yaml
+from core.augment import AugmentConfig, eval_view, one_view, supervised_aug
+from core.config import StageConfig, TrainConfig, choice
 from core.cpu import cpu_facts, describe, int8_has_vnni
 from core.distill import LOSSES, DistillLossConfig, kd_loss, load_teacher
 from core.errors import UserError
-from core.evaluate import (assert_unchanged, extract_features, knn_top1, linear_cka, snapshot, topk_accuracy,
+from core.evaluate import (assert_unchanged, features_cka, knn_top1, predict, snapshot, topk_accuracy,
                            train_linear_probe)
 from core.latency import LatencyConfig, measure_latency
+from core.loop import Run
 from core.models import Classifier, backbone_from_spec, count_macs, count_params, feature_dim
-from core.track import Progress, Tracker, log_line
-from core.optim import LARS  # lightly's LARS update, foreach (no per-parameter loop or sync)
+from core.optim import build_optimizer
+from core.track import log_line
 from quant import pt2e
 
 STAGE = "quant"
@@ -78,27 +75,17 @@ class QuantConfig:
     freeze_observers_epoch: int = 4
     export: bool = True  # compile model_int8.pt2 (AOTInductor; ~1 min for a ResNet-18 on 2 cores)
     # After QAT the head is refitted as a linear probe on the int8 model's own features (the
-    # protocol of every stage's probe_top1), then quantised with them. Why: on the digits
-    # quickstart the QAT-tuned source head lost 5-10 points that a probe on the same int8
-    # features recovers; on CIFAR-10 at CPU scale the refitted head scored 0.5038 against the
-    # QAT-tuned one's 0.4768 (README, "int8 QAT on CIFAR-10 at CPU scale"). false: keep the
-    # QAT-tuned head.
+    # protocol of every stage's probe_top1), then quantised with them: the QAT-tuned head scored
+    # lower in every comparison so far (README, "int8 QAT on CIFAR-10 at CPU scale", from
+    # bench/qat_cifar_cpu.sh). false: keep the QAT-tuned head.
     refit_head: bool = True
 
 
 def default_train() -> TrainConfig:
-    # A short, gentle fine-tune: the model is trained already; QAT only adapts it to int8.
-    # Measured on the digits quickstart (BYOL ResNet-18, 3 epochs): lr 0.01 per 256 diverged
-    # (int8 top-1 0.08; fp32 fine-tuning with frozen BN diverges at that lr too), 0.001 kept the
-    # int8 model at the fp32 source's 0.958, 0.0001 gave 0.955.
+    # A short, gentle fine-tune: the model is trained already; QAT only adapts it to int8, and
+    # with BN frozen late a larger lr (0.01 per 256) diverged on the quickstart.
     return TrainConfig(epochs=8, batch_size=256, optimizer="sgd", lr=0.001, weight_decay=5e-5,
                        momentum=0.9, warmup_epochs=0.0)
-
-
-def default_aug() -> AugmentConfig:
-    # Supervised fine-tuning views: crop + flip; BYOL's colour, blur and solarize are off.
-    return AugmentConfig(crop_scale_min=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p1=0.0, blur_p2=0.0,
-                         solarize_p1=0.0, solarize_p2=0.0)
 
 
 def default_loss() -> DistillLossConfig:
@@ -113,7 +100,7 @@ class Config(StageConfig):
     teacher_head: str = ""  # probe artifact (head.pt); "" = the head in the teacher's model.pt
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=default_train)
-    aug: AugmentConfig = field(default_factory=default_aug)
+    aug: AugmentConfig = field(default_factory=supervised_aug)  # crop + flip
     loss: DistillLossConfig = field(default_factory=default_loss)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
@@ -155,45 +142,17 @@ def check_config(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def lr_schedule(cfg: TrainConfig, base_lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
-    """Linear warmup then cosine to 0, one value per step (precomputed, DINO-style)."""
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    return np.array([cosine_warmup_schedule(s, total_steps, base_lr, 0.0, warmup, 0.0)
-                     for s in range(total_steps)])
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float):
-    # No weight decay on BN weights and biases (1-d); the exported graph has no BN module types.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars_exclude": True}]
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def apply_freezes(prepared: torch.fx.GraphModule, epoch: int, cfg: QuantConfig) -> None:
-    """The freeze schedule as a function of the epoch (idempotent), so resume needs no flag."""
-    if epoch >= cfg.freeze_bn_epoch:
-        pt2e.freeze_bn_stats(prepared)
-    if epoch >= cfg.freeze_observers_epoch:
-        pt2e.freeze_observers(prepared)
-
-
-@torch.no_grad()
-def predict(model, images: torch.Tensor, mean, std, image_size: int, device: torch.device,
-            batch_size: int = 256) -> torch.Tensor:
-    """Logits [N, C] (float32, CPU) of uint8 images through `model` (no augmentation)."""
-    out = []
-    for chunk in images.split(batch_size):
-        out.append(model(eval_view(chunk.to(device), image_size, mean, std)).float().cpu())
-    return torch.cat(out)
-
-
 def resolve_reduce_range(setting: str) -> bool:
     return int8_has_vnni() is False if setting == "auto" else setting == "true"
+
+
+def apply_freezes(prepared: torch.fx.GraphModule, epoch: int, cfg: QuantConfig, scale: float = 1.0) -> None:
+    """The freeze schedule as a function of the epoch (idempotent), so resume needs no flag.
+    scale: planned epochs / train.epochs (a time budget keeps the freezes at the same fractions)."""
+    if epoch >= round(cfg.freeze_bn_epoch * scale):
+        pt2e.freeze_bn_stats(prepared)
+    if epoch >= round(cfg.freeze_observers_epoch * scale):
+        pt2e.freeze_observers(prepared)
 
 
 def build_prepared(source: ckpt.Artifact, image_size: int, backend: str, device: torch.device,
@@ -215,161 +174,32 @@ def fp32_weights(state: dict, source: ckpt.Artifact) -> Classifier:
     return model.eval()
 
 
-def run(cfg: Config) -> Path:
-    run_dir = ckpt.artifact_dir(cfg.run_root, STAGE, cfg.name)
-    if (run_dir / "model.pt").is_file() and (run_dir / "metrics.json").is_file():
-        log_line(f"quant: {run_dir} is already finished; nothing to do")
-        return run_dir
-
-    # ============ inputs: every config or artifact problem stops here, before any work ============
-    check_config(cfg)
-    source = load_source(cfg.source)
-    # The teacher trains (loss.kd) and/or is measured against (CKA of the tuned backbone).
-    teacher = load_teacher(cfg.teacher, cfg.teacher_head, need_head=cfg.loss.kd > 0) if cfg.teacher else None
-
-    # ============ device, seeds ============
-    device = engine.resolve_device(cfg.engine)
-    cpu = torch.device("cpu")
-    engine.seed_everything(cfg.seed, cfg.engine.deterministic)
-
-    # ============ data: uint8 images resident on the device ============
-    splits = datalib.load_splits(cfg.data)
-    for what, head in (("source", source.head), ("teacher", teacher.head if teacher else None)):
-        if head is not None and head.out_features != splits.num_classes:
-            raise UserError(f"the {what}'s probe head has {head.out_features} classes, "
-                            f"data.name={cfg.data.name} has {splits.num_classes}")
-    in_memory = isinstance(splits.train, datalib.ImageSet)
-    train_set = splits.train.to(device) if in_memory else splits.train
-    size, batch_size = splits.image_size, cfg.train.batch_size
-    steps_per_epoch = datalib.steps_per_epoch(len(train_set), batch_size)
-    total_steps = cfg.train.epochs * steps_per_epoch
-
-    # ============ networks: fake-quant classifier (PT2E), frozen teacher ============
-    resume_state = ckpt.safe_load(run_dir / "checkpoint.pt") if (run_dir / "checkpoint.pt").is_file() else None
-    reduce_range = resume_state["reduce_range"] if resume_state else resolve_reduce_range(cfg.quant.reduce_range)
-    prepared = build_prepared(source, size, cfg.quant.backend, device, reduce_range)
-    teacher_net = None
-    if cfg.loss.kd > 0:
-        teacher_net = Classifier(teacher.backbone, teacher.head).to(device).eval()
-        teacher_frozen = snapshot(teacher_net)
-
-    # ============ optimizer, schedule ============
-    base_lr = cfg.train.lr * batch_size / 256  # linear scaling rule
-    optimizer = build_optimizer(cfg.train, prepared, base_lr)
-    lrs = lr_schedule(cfg.train, base_lr, total_steps, steps_per_epoch)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919)
-
-    # ============ resume: the prepared graph's state_dict (weights + fake-quant buffers) ============
-    step, wandb_id, history = 0, None, []
-    if resume_state is not None:
-        state = resume_state
-        prepared.load_state_dict(state["model"], strict=True)  # the loop re-applies the freezes
-        optimizer.load_state_dict(state["optimizer"])
-        aug_gen.set_state(state["aug_rng"].cpu() if device.type == "cpu" else state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step, wandb_id, history = state["step"], state["wandb_id"], state["history"]
-        log_line(f"quant: resumed {run_dir} at step {step}/{total_steps}")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-
-    tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{cfg.name}", to_dict(cfg), wandb_id)
-
-    def save_checkpoint():
-        ckpt.atomic_save({
-            "step": step, "model": prepared.state_dict(), "optimizer": optimizer.state_dict(),
-            "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "wandb_id": tracker.id,
-            "history": history, "reduce_range": reduce_range,
-        }, run_dir / "checkpoint.pt")
-
-    # ============ training loop: fake-quant forward, distillation from the teacher's logits ============
-    stop_at = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
-    progress = Progress(stop_at, step, desc=f"quant {cfg.name}", enabled=cfg.engine.progress)
-    epoch_seconds, loss_value = [], float("nan")
-    with engine.StopGuard() as guard:
-        while step < stop_at:
-            epoch, first = divmod(step, steps_per_epoch)
-            apply_freezes(prepared, epoch, cfg.quant)
-            order = datalib.epoch_permutation(len(train_set), cfg.seed, epoch)
-            if in_memory:
-                batches = datalib.in_memory_batches(train_set, order, batch_size, first)
-            else:
-                batches = datalib.jpeg_batches(train_set, order, batch_size, size, device,
-                                               cfg.data.num_workers, first)
-            epoch_start = time.perf_counter()
-            for images, labels in batches:
-                lr = float(lrs[step])  # a numpy scalar would not load with weights_only=True
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = normalize(augment_view(images, size, cfg.aug, cfg.aug.blur_p1, cfg.aug.solarize_p1, aug_gen),
-                              splits.mean, splits.std)
-                logits = prepared(x)  # fp32: fake-quant under bf16 autocast would round twice
-                parts = {}
-                if cfg.loss.kd > 0:
-                    with torch.no_grad(), engine.autocast(cfg.engine, device):
-                        teacher_logits = teacher_net(x).float()
-                    parts["kd"] = kd_loss(logits, teacher_logits, cfg.loss.kd_kind, cfg.loss.kd_temperature)
-                if cfg.loss.ce > 0:
-                    parts["ce"] = F.cross_entropy(logits, labels)
-                loss = sum(getattr(cfg.loss, name) * value for name, value in parts.items())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise SystemExit(f"quant: loss is {loss_value} at step {step}; stopping "
-                                     f"(last good checkpoint: {run_dir / 'checkpoint.pt'})")
-                progress.update(len(images), loss=loss_value, lr=lr, epoch=epoch)
-                if step % 10 == 0 or step == stop_at:
-                    tracker.log({"train/loss": loss_value, "train/lr": lr,
-                                 **{f"train/{k}": v.item() for k, v in parts.items()}}, step=step)
-                if guard.stop_requested:
-                    save_checkpoint()
-                    tracker.finish()
-                    guard.stop()
-                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                    save_checkpoint()
-                if step == stop_at:
-                    break
-            if step % steps_per_epoch == 0:  # a whole epoch ended here
-                if first == 0:  # a resumed partial epoch would understate the time
-                    epoch_seconds.append(time.perf_counter() - epoch_start)
-                history.append({"epoch": step // steps_per_epoch, "step": step, "loss": loss_value})
-                progress.write(f"epoch {step // steps_per_epoch}: loss {loss_value:.4f}")
-            save_checkpoint()
-    progress.close()
-
-    if step < total_steps:  # stopped early on purpose (train.max_steps): resumable, not final
-        tracker.finish()
-        log_line(f"quant: stopped at step {step}/{total_steps} (train.max_steps); rerun to continue")
-        return run_dir
-    if teacher_net is not None:
-        assert_unchanged(teacher_net, teacher_frozen, "the teacher")
-
-    # ============ convert on the CPU: BN folded, observers frozen, real int8 ops ============
-    state = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}  # convert works in place
-    if device.type != "cpu":  # int8 kernels are CPU kernels: the same graph rebuilt there (as on resume)
-        prepared = build_prepared(source, size, cfg.quant.backend, cpu, reduce_range)
-        prepared.load_state_dict(state, strict=True)
+def convert_int8(prepared: torch.fx.GraphModule, source: ckpt.Artifact, splits, cfg: Config, reduce_range: bool,
+                 device: torch.device) -> tuple:
+    """BN and observers frozen; the int8 model's own (fake-quantised) features computed where it
+    trained, for its kNN top-1 and the head refitted on them (quant.refit_head); then real int8
+    ops on the CPU (int8 kernels are CPU kernels). Returns (int8 graph, the prepared graph's
+    final state on the CPU, report)."""
+    cpu, size, labels = torch.device("cpu"), splits.image_size, splits.val.labels.cpu()
     pt2e.freeze_observers(prepared)
     pt2e.freeze_bn_stats(prepared)
-    val_labels = splits.val.labels.cpu()
-    qat_head_acc = topk_accuracy(predict(prepared, splits.val.images, splits.mean, splits.std, size, cpu), val_labels)
-    # The int8 model's own features (fake-quantised: what conversion computes, in float), for
-    # its kNN top-1, the same monitor as every other stage's, and the refitted head.
-    features = pt2e.feature_extractor(prepared)
-    train_features = predict(features, splits.train.images, splits.mean, splits.std, size, cpu)
-    int8_knn = knn_top1(train_features, splits.train.labels.cpu(),
-                        predict(features, splits.val.images, splits.mean, splits.std, size, cpu), val_labels,
-                        splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
-    if cfg.quant.refit_head:  # a linear probe on the int8 model's own (fake-quantised) features
+    report = {"qat_head_top1": topk_accuracy(predict(prepared, splits.val.images, splits.mean, splits.std, size,
+                                                     device), labels)[1]}  # fake-quant, QAT-tuned source head
+    features = pt2e.feature_extractor(prepared)  # the head's input: what conversion computes, in float
+    train_features = predict(features, splits.train.images, splits.mean, splits.std, size, device)
+    report["knn_top1"] = knn_top1(train_features, splits.train.labels.cpu(),
+                                  predict(features, splits.val.images, splits.mean, splits.std, size, device), labels,
+                                  splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    state = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
+    if device.type != "cpu":  # the same graph rebuilt on the CPU (as on resume)
+        prepared = build_prepared(source, size, cfg.quant.backend, cpu, reduce_range)
+        prepared.load_state_dict(state, strict=True)
+        pt2e.freeze_observers(prepared)
+        pt2e.freeze_bn_stats(prepared)
+    if cfg.quant.refit_head:
         # Standardised with std >= the features' int8 step: without that floor the CIFAR-10 check
-        # (bench/qat_cifar_cpu.sh) fell from 0.47 to 0.19 top-1, all of it the head's own int8
-        # weight rounding (core.evaluate.train_linear_probe says why).
-        head = train_linear_probe(train_features,
-                                  splits.train.labels.cpu(), splits.num_classes, cfg.eval.probe_epochs,
+        # (bench/qat_cifar_cpu.sh) fell from 0.47 to 0.19 top-1 (core.evaluate.train_linear_probe says why).
+        head = train_linear_probe(train_features, splits.train.labels.cpu(), splits.num_classes, cfg.eval.probe_epochs,
                                   cfg.eval.probe_lr, cfg.eval.probe_weight_decay, cfg.eval.probe_batch_size, cfg.seed,
                                   min_std=pt2e.head_input_step(prepared))
         pt2e.replace_head(prepared, head)
@@ -379,75 +209,131 @@ def run(cfg: Config) -> Path:
         fake_quant_logits = prepared(check_images)
     int8_model = pt2e.convert(prepared)  # in place: `prepared` is the int8 graph from here on
     with torch.no_grad():
-        agreement = F.cosine_similarity(int8_model(check_images).flatten(), fake_quant_logits.flatten(), dim=0).item()
+        report["int8_vs_fakequant_cosine"] = F.cosine_similarity(
+            int8_model(check_images).flatten(), fake_quant_logits.flatten(), dim=0).item()
+    return int8_model, state, report
 
-    # ============ export: one AOTInductor file that runs without this project ============
-    package = None
-    if cfg.quant.export:
-        meta_strings = {"stage": STAGE, "name": cfg.name, "source": cfg.source, "data": cfg.data.name,
-                        "num_classes": splits.num_classes, "image_size": size,
-                        "mean": json.dumps(list(splits.mean)), "std": json.dumps(list(splits.std)),
-                        "input": "float32 [B, 3, image_size, image_size], (pixels / 255 - mean) / std"}
-        compile_start = time.perf_counter()
-        package = pt2e.export_package(int8_model, torch.zeros(2, 3, size, size), run_dir / pt2e.PACKAGE_NAME,
-                                      meta_strings)
-        log_line(f"quant: compiled {package} ({package.stat().st_size / 2**20:.1f} MB) "
-                 f"in {time.perf_counter() - compile_start:.0f} s")
-        int8_model = int8.PackagedModel(package)  # evaluate what ships
 
-    # ============ evaluate on the CPU: int8 (own head) vs the fp32 source ============
-    fp32_model = Classifier(source.backbone, source.head).eval()
-    int8_acc = topk_accuracy(predict(int8_model, splits.val.images, splits.mean, splits.std, size, cpu), val_labels)
-    fp32_acc = topk_accuracy(predict(fp32_model.to(device), splits.val.images, splits.mean, splits.std, size,
-                                     device), val_labels)
+def export(int8_model: torch.fx.GraphModule, cfg: Config, splits, run_dir: Path) -> Path:
+    """One AOTInductor file that runs without this project, its preprocessing inside."""
+    size = splits.image_size
+    meta_strings = {"stage": STAGE, "name": cfg.name, "source": cfg.source, "data": cfg.data.name,
+                    "num_classes": splits.num_classes, "image_size": size,
+                    "mean": json.dumps(list(splits.mean)), "std": json.dumps(list(splits.std)),
+                    "input": "float32 [B, 3, image_size, image_size], (pixels / 255 - mean) / std"}
+    start = time.perf_counter()
+    package = pt2e.export_package(int8_model, torch.zeros(2, 3, size, size), run_dir / pt2e.PACKAGE_NAME, meta_strings)
+    log_line(f"quant: compiled {package} ({package.stat().st_size / 2**20:.1f} MB) in {time.perf_counter() - start:.0f} s")
+    return package
+
+
+def measure(int8_model, fp32_model: Classifier, splits, cfg: Config, device: torch.device, package) -> dict:
+    """On the CPU: top-1/top-5 of the int8 model (its own head) and of the fp32 source; latency."""
+    cpu, size, labels = torch.device("cpu"), splits.image_size, splits.val.labels.cpu()
+    int8_acc = topk_accuracy(predict(int8_model, splits.val.images, splits.mean, splits.std, size, cpu), labels)
+    fp32_acc = topk_accuracy(predict(fp32_model.to(device), splits.val.images, splits.mean, splits.std, size, device),
+                             labels)
     fp32_model.cpu()
-    tuned = fp32_weights(state, source)
-    metrics = {
-        "stage": STAGE, "arch": source.spec.get("arch"), "source": cfg.source, "source_stage": source.meta.get("stage"),
-        "backend": cfg.quant.backend, "format": "aoti-pt2" if package else None,
-        "probe_top1": int8_acc[1], "probe_top5": int8_acc[5],
-        "fp32_top1": fp32_acc[1], "fp32_top5": fp32_acc[5], "top1_drop": fp32_acc[1] - int8_acc[1],
-        "int8_vs_fakequant_cosine": agreement, "head": "refit" if cfg.quant.refit_head else "qat",
-        "knn_top1": int8_knn,  # on the fake-quantised features (int8_vs_fakequant_cosine says how close)
-        "qat_head_top1": qat_head_acc[1],  # fake-quant, with the QAT-tuned source head (before any refit)
-        "params": count_params(source.backbone), "macs": count_macs(source.backbone, size),
-        "file_mb": package.stat().st_size / 2**20 if package else None,
-        "fp32_file_mb": source.path.stat().st_size / 2**20,
-        "epochs": cfg.train.epochs, "steps": total_steps,
-        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
-        "final_loss": loss_value if math.isfinite(loss_value) else None, "history": history,
-        "latency_ms_cpu_b1": None, "latency_ms_cpu_b32": None, "latency_ms_gpu_b256": None,
-        "fp32_latency_ms_cpu_b1": None, "fp32_latency_ms_cpu_b32": None,
-        "latency_cpu_threads": torch.get_num_threads(),
-        # The int8 numbers above hold for this CPU's kernels (core/cpu.py): `python -m probe ...
-        # artifact=<this run>` re-measures the package on another machine against them.
-        "cpu": cpu_facts(), "reduce_range": reduce_range,
-    }
+    out = {"probe_top1": int8_acc[1], "probe_top5": int8_acc[5], "fp32_top1": fp32_acc[1], "fp32_top5": fp32_acc[5],
+           "top1_drop": fp32_acc[1] - int8_acc[1], "latency_ms_cpu_b1": None, "latency_ms_cpu_b32": None,
+           "latency_ms_gpu_b256": None, "fp32_latency_ms_cpu_b1": None, "fp32_latency_ms_cpu_b32": None,
+           "latency_cpu_threads": torch.get_num_threads()}
     if cfg.latency.enabled:
         for batch in (1, 32):
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-            metrics[f"fp32_latency_ms_cpu_b{batch}"] = measure_latency(fp32_model, x, cfg.latency.warmup,
-                                                                       cfg.latency.iters)
+            out[f"fp32_latency_ms_cpu_b{batch}"] = measure_latency(fp32_model, x, cfg.latency.warmup, cfg.latency.iters)
             if package:  # the int8 number is the shipped file's; the eager q/dq graph is a simulation
-                metrics[f"latency_ms_cpu_b{batch}"] = measure_latency(int8_model, x, cfg.latency.warmup,
-                                                                      cfg.latency.iters)
-    if teacher is not None:  # feature agreement of the tuned backbone with the teacher (as distill)
-        feats = [extract_features(net.to(device), splits.val.images, splits.mean, splits.std, size, device,
-                                  cfg.eval.feature_batch_size, engine.use_bf16(cfg.engine, device))
-                 for net in (tuned.backbone, teacher.backbone)]
-        metrics["cka_teacher"] = linear_cka(*feats)
-        tuned.cpu()
+                out[f"latency_ms_cpu_b{batch}"] = measure_latency(int8_model, x, cfg.latency.warmup, cfg.latency.iters)
+    return out
 
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(cfg: Config) -> Path:
+    r = Run(cfg, STAGE)
+    if r.done:
+        return r.dir
+
+    # ============ inputs: every config or artifact problem stops here, before any work ============
+    check_config(cfg)
+    source = load_source(cfg.source)
+    # The teacher trains (loss.kd) and/or is measured against (CKA of the tuned backbone).
+    teacher = load_teacher(cfg.teacher, cfg.teacher_head, need_head=cfg.loss.kd > 0) if cfg.teacher else None
+
+    # ============ device, seed, data (uint8 images resident on the device) ============
+    r.start()
+    device, splits, size = r.device, r.splits, r.splits.image_size
+    for what, head in (("source", source.head), ("teacher", teacher.head if teacher else None)):
+        if head is not None and head.out_features != splits.num_classes:
+            raise UserError(f"the {what}'s probe head has {head.out_features} classes, "
+                            f"data.name={cfg.data.name} has {splits.num_classes}")
+
+    # ============ networks: fake-quant classifier (PT2E), frozen teacher ============
+    reduce_range = r.state["reduce_range"] if r.state else resolve_reduce_range(cfg.quant.reduce_range)
+    r.extra["reduce_range"] = reduce_range  # a resumed run keeps the range it trained with
+    prepared = build_prepared(source, size, cfg.quant.backend, device, reduce_range)
+    teacher_net = None
+    if cfg.loss.kd > 0:
+        teacher_net = Classifier(teacher.backbone, teacher.head).to(device).eval()
+        teacher_frozen = snapshot(teacher_net)
+
+    # ============ optimizer, resume: the prepared graph's state_dict (weights + fake-quant buffers) ============
+    optimizer = build_optimizer(cfg.train, prepared.parameters(), r.base_lr())
+    r.resume(model=prepared, optimizer=optimizer)  # the loop re-applies the freezes
+
+    # ============ training loop: fake-quant forward, distillation from the teacher's logits ============
+    frozen_at = None
+    # What the end costs, for a time budget: conversion, the int8 features, the package's compile
+    # (11 s for a ResNet-18 on the 2-core CPU here) and its evaluation and latency on the CPU.
+    for s in r.steps(optimizer, final_s=30.0 if cfg.quant.export else 15.0):
+        if s.epoch != frozen_at:
+            apply_freezes(prepared, s.epoch, cfg.quant, r.epochs / max(1, cfg.train.epochs))
+            frozen_at = s.epoch
+        x = one_view(s.images, size, cfg.aug, s.generator, splits.mean, splits.std)
+        logits = prepared(x)  # fp32: fake-quant under bf16 autocast would round twice
+        parts = {}
+        if cfg.loss.kd > 0:
+            with torch.no_grad(), engine.autocast(cfg.engine, device):
+                teacher_logits = teacher_net(x).float()
+            parts["kd"] = kd_loss(logits, teacher_logits, cfg.loss.kd_kind, cfg.loss.kd_temperature)
+        if cfg.loss.ce > 0:
+            parts["ce"] = F.cross_entropy(logits, s.labels)
+        loss = sum(getattr(cfg.loss, name) * value for name, value in parts.items())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        r.record(loss, parts)
+    if r.paused():
+        return r.dir
+    if teacher_net is not None:
+        assert_unchanged(teacher_net, teacher_frozen, "the teacher")
+
+    # ============ convert, export what ships, measure it against the fp32 source ============
+    int8_model, state, report = convert_int8(prepared, source, splits, cfg, reduce_range, device)
+    package = export(int8_model, cfg, splits, r.dir) if cfg.quant.export else None
+    if package:
+        int8_model = int8.PackagedModel(package)  # evaluate what ships
+    metrics = measure(int8_model, Classifier(source.backbone, source.head).eval(), splits, cfg, device, package)
+    tuned = fp32_weights(state, source)
+    if teacher is not None:  # feature agreement of the tuned backbone with the teacher (as distill)
+        metrics["cka_teacher"] = features_cka(tuned.backbone, teacher.backbone, splits, device,
+                                              cfg.eval.feature_batch_size, r.bf16)[0]
+        tuned.cpu()
+    metrics.update(report, **{
+        "arch": source.spec.get("arch"), "source": cfg.source, "source_stage": source.meta.get("stage"),
+        "backend": cfg.quant.backend, "format": "aoti-pt2" if package else None,
+        "head": "refit" if cfg.quant.refit_head else "qat",
+        "params": count_params(source.backbone), "macs": count_macs(source.backbone, size),
+        "file_mb": package.stat().st_size / 2**20 if package else None,
+        "fp32_file_mb": source.path.stat().st_size / 2**20,
+        # The int8 numbers hold for this CPU's kernels (core/cpu.py): `python -m probe ...
+        # artifact=<this run>` re-measures the package on another machine against them.
+        "cpu": cpu_facts(), "reduce_range": reduce_range,
+    })
     # ============ final artifact: tuned fp32 weights (model.pt), int8 file, metrics ============
-    parents = [p for p in (cfg.source, cfg.teacher, cfg.teacher_head) if p]
-    meta = {"stage": STAGE, "name": cfg.name, "data": cfg.data.name, "num_classes": splits.num_classes,
-            "image_size": size, "mean": list(splits.mean), "std": list(splits.std), "parents": parents,
-            "int8_package": pt2e.PACKAGE_NAME if package else None, "backend": cfg.quant.backend}
-    ckpt.save_model(run_dir, tuned.backbone, source.spec, meta, tuned.head)
-    ckpt.write_json(run_dir / "metrics.json", metrics)
-    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    tracker.finish()
-    log_line(f"quant: done -> {run_dir}  int8 top-1 {int8_acc[1]:.4f} (fp32 {fp32_acc[1]:.4f})"
-             + (f"  {metrics['file_mb']:.1f} MB vs {metrics['fp32_file_mb']:.1f} MB" if package else "")
-             + f"  [{describe(metrics['cpu'])}, activations {'0..127' if reduce_range else '0..255'}]")
-    return run_dir
+    return r.finish(tuned.backbone, source.spec, tuned.head, metrics, parents=(cfg.source, cfg.teacher, cfg.teacher_head),
+                    meta={"int8_package": pt2e.PACKAGE_NAME if package else None, "backend": cfg.quant.backend},
+                    summary=f"  (int8; fp32 source {metrics['fp32_top1']:.4f})"
+                    + (f"  {metrics['file_mb']:.1f} MB vs {metrics['fp32_file_mb']:.1f} MB" if package else "")
+                    + f"  [{describe(metrics['cpu'])}, activations {'0..127' if reduce_range else '0..255'}]")

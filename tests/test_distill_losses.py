@@ -220,12 +220,30 @@ def test_state_dict_holds_adapters_and_queue_not_teacher_or_student():
     d(*batch())  # moves the queue and ptr
     fresh = make_distiller()
     assert not torch.equal(fresh.queue, d.queue)
-    fresh.load_resumable_state(d.resumable_state())
+    fresh.load_state_dict(d.state_dict())
     for k, v in d.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
     broken = {k: v for k, v in d.state_dict().items() if k != "adapters.layer2.weight"}
     with pytest.raises(RuntimeError, match="adapters.layer2.weight"):
         make_distiller().load_state_dict(broken)
+
+
+def test_a_copy_of_a_hooked_student_copies_no_teacher():
+    """The hint hooks hold a small HintTaps, never the Distiller: copying the student (prune's
+    ratio search copies the model once per trial) must not copy the teacher along. And
+    remove_hooks() leaves the student as it was built."""
+    import copy
+
+    d = make_distiller(hint=1.0, embed=0.0)
+    taps = [m for m in d.student.modules() if m._forward_hooks]
+    assert taps  # the hint layers are hooked
+    memo = {}
+    copy.deepcopy(d.student, memo)
+    copied = {id(v) for v in memo}  # ids of everything copied (memo keys)
+    assert id(d) not in copied and not any(id(p) in copied for p in d.teacher.parameters())
+    d.remove_hooks()
+    assert not any(m._forward_hooks for m in d.student.modules())
+    assert not any(m._forward_hooks for m in d.teacher.modules())
 
 
 def test_queue_is_a_fifo_of_normalised_teacher_embeddings():

@@ -194,3 +194,20 @@ def test_lars_and_ema_on_cuda_match_and_never_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert max_difference(theirs, ours) < 1e-5  # TF32 / reduction order on the device
+
+
+def test_weight_decay_groups_are_lightlys_split_on_byol_networks():
+    """core.optim.weight_decay_groups splits by shape (the exported QAT graph has no module types);
+    on a ResNet with BYOL's heads and a distillation projector it must be exactly lightly's
+    get_weight_decay_parameters: decay on conv/linear weights, none on norm parameters and biases."""
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+
+    from core.models import build_backbone
+    from core.optim import weight_decay_groups
+
+    net = nn.ModuleList([build_backbone("resnet18"), BYOLProjectionHead(512, 64, 32), BYOLPredictionHead(32, 64, 32),
+                         nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10))])
+    decay, no_decay = get_weight_decay_parameters([net])
+    ours = weight_decay_groups(list(net.parameters()), 1e-4)
+    assert [id(p) for p in ours[0]["params"]] == [id(p) for p in decay] and ours[0]["weight_decay"] == 1e-4
+    assert [id(p) for p in ours[1]["params"]] == [id(p) for p in no_decay] and ours[1]["weight_decay"] == 0.0

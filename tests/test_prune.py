@@ -3,7 +3,6 @@ config errors, exact resume, sparsity training (network slimming). Tiny random R
 artifacts at 16px (ImageNet stem)."""
 
 import dataclasses
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,11 @@ from core.errors import UserError
 from core.latency import LatencyConfig, latency_metrics, measure_latency
 from core.models import (Classifier, backbone_from_spec, backbone_spec, build_backbone, count_macs, count_params,
                          feature_dim)
-from prune.train import Config, PruneConfig, prune_channels, prune_to_target, recalibrate_bn, run
+from torch.optim.swa_utils import update_bn
+
+from core.optim import warmup_cosine
+
+from prune.train import Config, PruneConfig, prune_channels, prune_to_target, run
 from tests.conftest import run_cli
 
 SIZE = 16
@@ -292,7 +295,7 @@ def test_bn_recalibration_measures_the_pruned_statistics():
     b = model.backbone
     weights = {k: v.clone() for k, v in b.state_dict().items() if "running" not in k and "num_batches" not in k}
     x = images(32, seed=3)
-    assert recalibrate_bn(b, [x]) == 1
+    update_bn([x], b)  # what the stage runs on bn_recalibration_batches batches
     with torch.no_grad():
         stem = b.conv1(x)
     torch.testing.assert_close(b.bn1.running_mean, stem.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
@@ -436,7 +439,7 @@ def test_sparsity_shrinks_bn_scales_by_lambda_against_lambda_zero(tmp_path):
         l1[lam] = bn_l1(state)
         assert state["history"][-1]["bn_scale_l1"] == pytest.approx(l1[lam], rel=1e-6)  # the per-epoch log
     base_lr = 0.5 * 16 / 256
-    lrs = [0.5 * base_lr * (1 + math.cos(math.pi * t / n)) for t in range(n)]
+    lrs = [warmup_cosine(t, n, base_lr, 0) for t in range(n)]  # the stage's schedule over the 5 steps
     predicted = 4800 * reg * sum(lr * (1 - m ** (t + 1)) / (1 - m) for t, lr in enumerate(lrs))  # 4800 BN channels
     assert abs(l1[0.0] - student_l1) < 0.05 * predicted  # without the penalty the norm barely moves
     assert l1[0.0] - l1[reg] == pytest.approx(predicted, rel=0.01)
@@ -453,7 +456,7 @@ def test_sparsity_shrinks_bn_scales_by_lambda_against_lambda_zero(tmp_path):
     assert sum(metrics["bn_scale_hist_after"]) == 4800
     assert metrics["bn_scale_hist_after"] != metrics["bn_scale_hist_before"]
     assert metrics["sparsity_epochs"] == 1 and metrics["sparsity_reg"] == reg and metrics["steps"] == 10
-    assert [h["phase"] for h in metrics["knn_history"]] == ["sparsity"]
+    assert [h["phase"] for h in metrics["history"]] == ["sparsity", "recovery"]  # every epoch, with its loss
     png = (out / "bn_scales.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert 0.45 <= metrics["macs_ratio"] <= 0.5 and feature_dim(ckpt.load_model(out).backbone) < 512
@@ -485,7 +488,7 @@ def test_resume_inside_sparsity_training_is_exact(tmp_path):
     assert a["spec"] == b["spec"] and same(a["backbone"], b["backbone"]) and same(a["head"], b["head"])
     ma, mb = ckpt.read_metrics(full), ckpt.read_metrics(part)
     for key in ("macs", "pruning_ratio", "knn_top1", "probe_top1", "cka_teacher", "bn_scale_l1_before",
-                "bn_scale_l1_after", "bn_scale_hist_after", "knn_history"):
+                "bn_scale_l1_after", "bn_scale_hist_after", "history"):
         assert ma[key] == mb[key], key
     assert ma["bn_scale_l1_after"] < ma["bn_scale_l1_before"] and ma["steps"] == 3
 

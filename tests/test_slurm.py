@@ -302,7 +302,9 @@ def reference_training(cfg, world_size, chunks):
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
-    from byol.train import Online, build_optimizer, lr_schedule, view_seed
+    from byol.train import Online
+    from core.loop import view_seed
+    from core.optim import build_optimizer, warmup_cosine
     from core import data as datalib
     from core import engine
     from core.augment import two_view_augment
@@ -320,15 +322,15 @@ def reference_training(cfg, world_size, chunks):
     steps_per_epoch = datalib.steps_per_epoch(len(train), batch, world_size)
     total = cfg.train.epochs * steps_per_epoch
     base_lr = cfg.train.lr * batch * world_size / 256
-    optimizer = build_optimizer(cfg.train, online, base_lr)
-    lrs = lr_schedule(cfg.train, base_lr, total, steps_per_epoch)
+    optimizer = build_optimizer(cfg.train, online.parameters(), base_lr)
+    warmup = int(cfg.train.warmup_epochs * steps_per_epoch)
     gens = [torch.Generator() for r in range(world_size)]
     criterion = NegativeCosineSimilarity()
     online.train(), target.train()
     for step in range(total):
         epoch, b = divmod(step, steps_per_epoch)
         for group in optimizer.param_groups:
-            group["lr"] = float(lrs[step])
+            group["lr"] = warmup_cosine(step, total, base_lr, warmup)
         views = []
         for r in range(world_size):
             order = datalib.epoch_permutation(len(train), cfg.seed, epoch, r, world_size)
