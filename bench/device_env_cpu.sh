@@ -15,6 +15,12 @@
 #   bash bench/device_env_cpu.sh bench         # every byol_throughput.py mode gpu.sh runs, toy-sized (~2 min)
 #   bash bench/device_env_cpu.sh tests         # the whole suite under torch 2.11 (~8 min; W&B and
 #                                              # import-linter added for it, in a site of their own)
+#   bash bench/device_env_cpu.sh draw          # `bash bench/gpu.sh draw` itself, on the CPU at CPU scale:
+#                                              # 40 CIFAR-10 images a class, batch 64, budget_min=$DRAW_BUDGET
+#                                              # (9); checks $OUT holds every file the GPU call brings back
+#   bash bench/device_env_cpu.sh draw-cut      # the same cut off by its deadline mid-pipeline: what
+#                                              # finished must still come back
+#   bash bench/device_env_cpu.sh draw-speed    # `bash bench/gpu.sh draw-speed` at toy size
 # Several steps may be named in one call; `env` (idempotent) and a fresh checkout come first. Runs go to $WORK.
 set -euo pipefail
 trap 'echo "device_env_cpu.sh: failed at line $LINENO: $BASH_COMMAND"' ERR
@@ -59,7 +65,24 @@ small_cifar() {  # 40 images a class of ../shared/data/cifar10/train, linked
 }
 
 usage() { awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; }  # the header above
-STEPS=" env quant-tests tests quickstart c10 c10-compiled bench "
+STEPS=" env quant-tests tests quickstart c10 c10-compiled bench draw draw-cut draw-speed "
+
+draw_rehearsal() {  # draw_rehearsal BUDGET_MIN DEADLINE_S: gpu.sh draw on the CPU, then check $OUT
+  local out=$WORK/$step-out
+  rm -rf "$out" && mkdir -p "$out"
+  PATH=$VENV/bin:$PATH SITE=$SITE DEVICE=cpu OUT=$out DATA_OVERRIDE=$WORK/c10small DRAW_ROOT=$WORK/$step-root \
+    DRAW_BUDGET=$1 DRAW_DEADLINE=$2 DRAW_ARGS="train.batch_size=64 eval.probe_epochs=20 eval.knn_k=20" \
+    bash bench/gpu.sh draw || true
+  echo "device_env_cpu.sh: $step brought back:"; ls -la "$out"
+  local missing=()
+  for f in draw.log draw.json cifar10-artifacts.zip; do [ -s "$out/$f" ] || missing+=("$f"); done
+  if [ "$step" = draw ]; then
+    for f in draw-results.md pruned-model.pt model_int8.pt2; do [ -s "$out/$f" ] || missing+=("$f"); done
+  fi
+  [ $(ls "$out" | wc -l) -le 8 ] || missing+=("(more than the 8 files a device call returns)")
+  [ ${#missing[@]} -eq 0 ] || { echo "device_env_cpu.sh: $step: missing ${missing[*]}"; exit 1; }
+  "${PYRUN[@]}" -c "import json, sys; d = json.load(open('$out/draw.json')); print('device_env_cpu.sh: $step:', d)"
+}
 [ $# -ge 1 ] || { usage; exit 1; }
 for step in "$@"; do  # a misspelt step stops here, not after the venv is built
   [[ "$STEPS" == *" $step "* ]] || { echo "device_env_cpu.sh: unknown step '$step'"; usage; exit 1; }
@@ -84,6 +107,15 @@ for step in "$@"; do
         data.synthetic_size=320 train.batch_size=64 train.epochs=1 track.mode=disabled eval.probe_epochs=5 \
         engine.progress=false "${extra[@]}"
       "${PYRUN[@]}" bench/pack_artifacts.py $WORK/$step $WORK/$step-artifacts.zip ;;
+    draw) small_cifar; draw_rehearsal "${DRAW_BUDGET:-9}" "${DRAW_DEADLINE:-900}" ;;
+    draw-cut) small_cifar; draw_rehearsal "${DRAW_BUDGET:-9}" "${DRAW_CUT_AT:-300}" ;;
+    draw-speed)
+      small_cifar
+      rm -rf "$WORK/speed-out" && mkdir -p "$WORK/speed-out"
+      PATH=$VENV/bin:$PATH SITE=$SITE DEVICE=cpu OUT=$WORK/speed-out DATA_OVERRIDE=$WORK/c10small SPEED_DEADLINE=400 \
+        PER_CLASS_224=4 SPEED_ARGS="--batch-size 32 --batch-size-224 4 --steps 1 --warmup 1 --workers 2" \
+        bash bench/gpu.sh draw-speed
+      ls -la "$WORK/speed-out" ;;
     bench)
       small_cifar
       B=("${PYRUN[@]}" bench/byol_throughput.py --device cpu --data $WORK/c10small --cache-dir $WORK/cache)

@@ -1,18 +1,45 @@
 #!/usr/bin/env bash
-# Every GPU figure the README cites, reproduced on the device machine, one step per command;
-# each step fits in one 10-minute command. Results go under $OUT (the device's output folder).
+# Every GPU figure the README cites, reproduced on the device machine.
+#
+# THE RULE FOR ANY GPU WINDOW (15 minutes of device time in all, 10 a command, nothing kept):
+#   1. `bash bench/gpu.sh draw-needed` here. Unless bench/results/ already holds a draw of the
+#      current configs/pipelines/cifar10.yaml, the first device call is
+#        run(command="bash bench/gpu.sh draw", carry=[".gpu"], timeout_s=600)
+#      (at most 9.5 minutes on a bare machine: setup, the CIFAR-10 pipeline with budget_min=7.5,
+#      what came back packed under $OUT even if time ran out).
+#   2. Then, if the window has about 12 minutes left (a fresh machine's start included),
+#        run(command="bash bench/gpu.sh draw-speed", carry=[".gpu"], timeout_s=600)
+#      (the throughput comparison, steps cut to fit 9.5 minutes). Then give_back.
+#   3. Here: copy what came back into bench/results/ and commit it; `python
+#      bench/pipeline_report.py bench/results/cifar10-artifacts.zip --out bench/results/cifar10`
+#      (CPU latency and sizes measured here) and `bash bench/gpu.sh report`; update the README
+#      tables from them in the same commit.
+# Before the window, here: `bash bench/gpu.sh prepare` (wheels and the CIFAR-10 zip into .gpu),
+# and `bash bench/device_env_cpu.sh draw` rehearses `draw` with the device's software on the CPU.
 #
 #   bash bench/gpu.sh prepare     HERE (no GPU): .gpu/whl (lightly, omegaconf, antlr4, submitit,
 #                                 torch-pruning, torchao, kornia wheels for Python 3.12) and
-#                                 .gpu/cifar10-train.zip (../shared/data/cifar10/train): 66 MB with
-#                                 the tracked files, under the 64 MiB (67.1 MB) a device call may carry
-#   bash bench/device_env_cpu.sh quant-tests quickstart c10 bench
-#                                 HERE, optional: the same software (torch 2.11, these wheels) on the CPU
+#                                 .gpu/cifar10-train.zip (../shared/data/cifar10/train), under the
+#                                 64 MiB a device call may carry
+#   bash bench/gpu.sh draw-needed HERE: says whether bench/results/ holds a draw of this pipeline
 #   bash bench/gpu.sh STEP        ON THE GPU MACHINE: device `run`, carry [".gpu"], command
 #                                 `bash bench/gpu.sh STEP`; copy what comes back into bench/results/
 #   bash bench/gpu.sh report      anywhere: the README tables from bench/results/*.json
 #
-# Steps on the GPU machine, in this order (each runs `setup` first; setup is idempotent):
+# The two one-call steps (each runs `setup` first):
+#   draw            configs/pipelines/cifar10.yaml with budget_min=$DRAW_BUDGET (7.5) on the 45k/5k
+#                   split: BYOL ResNet-50 -> probe -> ResNet-18 -> pruned -> int8. $OUT gets draw.log
+#                   (every stage's messages), draw.json (what ran, on what, how long), draw-results.md
+#                   (launch collect's table), cifar10-artifacts.zip (every artifact's metrics.json,
+#                   config, plan, zeroed weights and the real int8 package: bench/pack_artifacts.py),
+#                   and the two compressed models with their weights: pruned-model.pt, model_int8.pt2.
+#                   At $DRAW_DEADLINE s (540) after the call began, whatever still runs is stopped
+#                   (it checkpoints) and what finished is packed, so a call cut short brings back
+#                   every finished stage.
+#   draw-speed      img/s of BYOL (a lightly-style, b this project, c synthetic; b eager and compiled),
+#                   ResNet-18 then ResNet-50, then the 224 px ImageFolder path, each cut to the time
+#                   left before $SPEED_DEADLINE s (555): throughput-*.json, eager-*.json, imagefolder224.json
+# The older one-per-command steps (a window of 30 minutes; kept for a longer lease):
 #   setup           wheels into /tmp/site (PYTHONPATH), CIFAR-10 JPEGs into /tmp/data
 #   tests-gpu       the CUDA-only tests of core.augment and core.optim (no host syncs, GPU = CPU)
 #   throughput-r18  a / a_bf16 / b / c and ratios, ResNet-18, batch 512  -> throughput-resnet18.json
@@ -23,35 +50,24 @@
 #                   batch 256, JPEG bytes decoded on the GPU                   -> imagefolder224.json
 #   learn-b         ResNet-18, 50 epochs, the project's pipeline, kNN top-1 on the carved val split
 #   learn-a         the same with the lightly-style pipeline (about 6 min at ~7k img/s)
-#                   -> learn-b.json, learn-a.json; `report` puts both in one table
-#   c10-smoke       configs/pipelines/cifar10.yaml end to end on synthetic 32px data, 1 epoch per
-#                   stage (~4 min): CUDA-path errors show here, not 20 minutes into the real run,
-#                   and its compiled kernels stay in the inductor cache for it   -> c10-smoke.log
-#   c10             the CIFAR-10 pipeline itself (~22 min, issue 7), detached from the call
-#                   (setsid): each call waits up to 9.5 min, then says "call again"; call it again
-#                   at once until it says done. Then -> c10.log, cifar10-artifacts.zip (every
-#                   artifact, weights zeroed: bench/pack_artifacts.py), c10-results.md; a call that
-#                   ends before the pipeline does brings back the stages finished so far
-#   Here, afterwards: python bench/pipeline_report.py bench/results/cifar10-artifacts.zip --out
-#                   bench/results/cifar10 measures the CPU rows on this machine; README table.
-#   Issue 7 needs a session of its own: setup + c10-smoke + c10 is about 27 of its 30 minutes.
-# A step whose JSON is already in bench/results/ is skipped (FORCE=1 runs it again). learn-a/-b
-# checkpoint every epoch under /tmp/byol-learn and stop themselves before the 10-minute limit
-# (timeout 560 s): if a step ends with "rerun to continue", call it again at once, while the
-# machine is still warm (it keeps /tmp for 30 s after a call; a fresh machine starts over).
-#
-# Device time: about 25 minutes for the steps before c10 (the session budget is 30): as few calls
-# as the 10-minute limit allows, e.g. `bash bench/gpu.sh throughput-r18 && bash bench/gpu.sh
-# throughput-r50` in one call is about 8 minutes. Several steps may be named in one command.
+#   c10-smoke       configs/pipelines/cifar10.yaml end to end on synthetic 32px data, 1 epoch per stage
+#   c10             the same pipeline without a budget (its train.epochs), detached, followed across calls
+# A step whose JSON is already in bench/results/ is skipped (FORCE=1 runs it again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 RESULTS=${RESULTS:-$REPO/bench/results}
 OUT=${OUT:-$REPO/bench/results}
-SITE=/tmp/site
+SITE=${SITE:-/tmp/site}
 DATA_ROOT=/tmp/data
 LEARN_DIR=/tmp/byol-learn
 EPOCHS=${EPOCHS:-50}
+DRAW_ROOT=${DRAW_ROOT:-/tmp/draw}
+DRAW_BUDGET=${DRAW_BUDGET:-7.5}        # minutes for the pipeline
+DRAW_DEADLINE=${DRAW_DEADLINE:-540}    # seconds after the call began: stop and pack what finished
+SPEED_DEADLINE=${SPEED_DEADLINE:-555}
+DEVICE=${DEVICE:-cuda}                 # cpu: the rehearsal (bench/device_env_cpu.sh draw)
+read -r -a DRAW_ARGS <<< "${DRAW_ARGS:-}"  # more overrides for the pipeline (the rehearsal's data)
 export PYTHONUNBUFFERED=1 WANDB_SILENT=true
 
 usage() { awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; exit "${1:-0}"; }  # the header above
@@ -78,20 +94,20 @@ prepare() {  # here, with network: what the GPU machine cannot fetch
 }
 
 setup() {  # on the GPU machine; idempotent
-  python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
+  [ "$DEVICE" = cpu ] || python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
     || { echo "gpu.sh: no CUDA device here; steps other than prepare/report run on the GPU machine"; exit 2; }
   if [ ! -d $SITE/lightly ]; then
     ls .gpu/whl/*.whl >/dev/null 2>&1 || { echo "gpu.sh: no .gpu/whl: run 'bash bench/gpu.sh prepare' here and carry .gpu"; exit 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .gpu/whl/*.whl
   fi
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-  if [ -z "$(find $DATA_ROOT -maxdepth 3 -type d -name airplane 2>/dev/null | head -1)" ]; then
+  if [ -z "${DATA_OVERRIDE:-}" ] && [ -z "$(find $DATA_ROOT -maxdepth 3 -type d -name airplane 2>/dev/null | head -1)" ]; then
     [ -f .gpu/cifar10-train.zip ] || { echo "gpu.sh: no .gpu/cifar10-train.zip: run 'bash bench/gpu.sh prepare'"; exit 2; }
     mkdir -p $DATA_ROOT/cifar10
     python3 -m zipfile -e .gpu/cifar10-train.zip $DATA_ROOT/cifar10
   fi
-  DATA=$(dirname "$(find $DATA_ROOT -maxdepth 3 -type d -name airplane | head -1)")
-  echo "gpu.sh: data $DATA ($(find "$DATA" -type f | wc -l) images); $(python3 -c 'import torch, lightly; print("torch", torch.__version__, "lightly", lightly.__version__, torch.cuda.get_device_name())')"
+  DATA=${DATA_OVERRIDE:-$(dirname "$(find $DATA_ROOT -maxdepth 3 -type d -name airplane | head -1)")}
+  echo "gpu.sh: data $DATA ($(find "$DATA" -type f | wc -l) images); $(python3 -c 'import torch, lightly; print("torch", torch.__version__, "lightly", lightly.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")')"
   mkdir -p "$OUT"
 }
 
@@ -175,6 +191,82 @@ c10() {  # start (or find) the detached pipeline, follow it for up to 9.5 minute
   echo "gpu.sh: c10 done; here: python bench/pipeline_report.py bench/results/cifar10-artifacts.zip --out bench/results/cifar10"
 }
 
+pipeline_sha() { sha256sum configs/pipelines/cifar10.yaml | cut -c1-16; }
+
+draw_needed() {  # here: is there a draw of the current pipeline in bench/results?
+  if [ -f "$RESULTS/draw.json" ] && grep -q "\"pipeline_sha\": \"$(pipeline_sha)\"" "$RESULTS/draw.json"; then
+    echo "gpu.sh: bench/results/draw.json is a draw of this pipeline ($(pipeline_sha)): run draw-speed first"
+  else
+    echo "gpu.sh: no draw of this pipeline ($(pipeline_sha)) in bench/results: run draw first"
+  fi
+}
+
+draw_pack() {  # whatever finished under $DRAW_ROOT -> $OUT (at most 8 files, 16 MiB each)
+  local finished
+  finished=$(find $DRAW_ROOT -maxdepth 3 -name metrics.json | sed "s#$DRAW_ROOT/##; s#/metrics.json##" | sort | tr '\n' ' ')
+  echo "gpu.sh: packing the finished stages: ${finished:-none}"
+  python3 bench/pack_artifacts.py $DRAW_ROOT "$OUT/cifar10-artifacts.zip" || true
+  [ -f $DRAW_ROOT/prune/cifar10/model.pt ] && cp $DRAW_ROOT/prune/cifar10/model.pt "$OUT/pruned-model.pt"
+  [ -f $DRAW_ROOT/quant/cifar10/model_int8.pt2 ] && cp $DRAW_ROOT/quant/cifar10/model_int8.pt2 "$OUT/model_int8.pt2"
+  python3 -m launch collect $DRAW_ROOT --out /tmp/draw-collect >/dev/null 2>&1 \
+    && cp /tmp/draw-collect/results.md "$OUT/draw-results.md" || true
+  python3 - "$OUT/draw.json" "$(pipeline_sha)" "$DRAW_BUDGET" "$SECONDS" "$finished" <<'PY'
+import json, sys, platform, torch
+out, sha, budget, seconds, finished = sys.argv[1:6]
+json.dump({"pipeline_sha": sha, "budget_min": float(budget), "call_seconds": int(seconds),
+           "finished": finished.split(), "torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+          open(out, "w"), indent=2)
+PY
+  ls -la "$OUT"
+}
+
+draw() {  # the CIFAR-10 pipeline in budget_min=$DRAW_BUDGET; stopped at $DRAW_DEADLINE s, packed either way
+  rm -rf $DRAW_ROOT && mkdir -p $DRAW_ROOT
+  echo "gpu.sh: draw: pipeline $(pipeline_sha), budget $DRAW_BUDGET min, $SECONDS s spent on setup"
+  setsid -w python3 -m launch pipeline configs/pipelines/cifar10.yaml budget_min="$DRAW_BUDGET" run_root=$DRAW_ROOT \
+    data.name=imagefolder data.root="$DATA" data.cache_dir=$DRAW_ROOT/cache track.mode=disabled \
+    engine.progress=false "${DRAW_ARGS[@]}" > "$OUT/draw.log" 2>&1 < /dev/null &
+  local pid=$! rc=0
+  while kill -0 $pid 2>/dev/null && [ $SECONDS -lt "$DRAW_DEADLINE" ]; do sleep 2; done
+  if kill -0 $pid 2>/dev/null; then  # out of time: every process of the pipeline checkpoints and stops
+    echo "gpu.sh: draw reached ${DRAW_DEADLINE} s: stopping the pipeline (SIGTERM), packing what finished"
+    kill -TERM -- -$pid 2>/dev/null || true
+    for _ in $(seq 20); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+    kill -KILL -- -$pid 2>/dev/null || true
+    rc=124
+  fi
+  local status=0
+  wait $pid 2>/dev/null || status=$?
+  [ $rc -eq 0 ] && rc=$status
+  tail -25 "$OUT/draw.log"
+  draw_pack
+  [ -f $DRAW_ROOT/quant/cifar10/metrics.json ] && echo "gpu.sh: draw done in $SECONDS s" && return 0
+  echo "gpu.sh: draw ended before the int8 stage finished (exit $rc); what finished is in \$OUT"
+  return 1
+}
+
+bounded() {  # bounded SECONDS CMD...: run CMD for at most SECONDS, and never past $SPEED_DEADLINE
+  local s=$1; shift
+  local left=$(( SPEED_DEADLINE - SECONDS - 5 ))
+  [ $left -lt $s ] && s=$left
+  [ "$s" -lt 20 ] && { echo "gpu.sh: no time left for: $*"; return 0; }
+  timeout --signal=TERM "$s" "$@" || echo "gpu.sh: stopped or failed (exit $?): $*"
+}
+
+draw_speed() {  # the throughput comparison, cut to one call; each result is kept as it lands
+  local b=(python3 bench/byol_throughput.py --device "$DEVICE" --workers "$(nproc)" --data "$DATA")
+  local more; read -r -a more <<< "${SPEED_ARGS:-}"  # the rehearsal's smaller sizes (last wins)
+  bounded 150 "${b[@]}" --archs resnet18 --batch-size 512 --steps 50 --warmup 10 --out "$OUT/throughput-resnet18.json" "${more[@]}"
+  bounded 120 "${b[@]}" --archs resnet50 --pipelines b --compile never --batch-size 512 --steps 30 --warmup 5 \
+    --out "$OUT/eager-resnet50.json" "${more[@]}"
+  bounded 240 "${b[@]}" --archs resnet50 --batch-size 512 --steps 30 --warmup 5 --out "$OUT/throughput-resnet50.json" "${more[@]}"
+  bounded 60 python3 bench/make_imagenet_shaped.py "$DATA" /tmp/imagenet-shaped --size 256 --per-class "${PER_CLASS_224:-300}"
+  bounded 150 "${b[@]}" --imagefolder-224 /tmp/imagenet-shaped --archs resnet50 --pipelines a,b,c \
+    --batch-size-224 256 --steps 15 --warmup 5 --out "$OUT/imagefolder224.json" "${more[@]}"
+  ls -la "$OUT"
+}
+
 [ $# -ge 1 ] || usage 1
 for step in "$@"; do
   case "$step" in
@@ -190,6 +282,9 @@ for step in "$@"; do
     learn-b) setup; learn b ;;
     c10-smoke) setup; c10_smoke ;;
     c10) setup; c10 ;;
+    draw) setup; draw ;;
+    draw-speed) setup; draw_speed ;;
+    draw-needed) draw_needed ;;
     -h|--help|help|list) usage 0 ;;
     *) echo "gpu.sh: unknown step '$step'"; usage 1 ;;
   esac
