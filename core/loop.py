@@ -11,8 +11,8 @@ drives `utils.py`:
     ...networks...
     optimizer = build_optimizer(cfg.train, params, r.base_lr())
     r.resume(online=online, optimizer=optimizer)   # strict, weights_only; step, history, W&B id
-    for s in r.steps(optimizer, on_epoch_end=knn_monitor):
-        loss = ...                             # the stage's own step, inline
+    for s in r.steps(optimizer, monitor=r.knn_monitor(backbone)):
+        loss = ...                             # the stage's own step on s.images, s.generator
         r.record(loss, parts)                  # device tensors, read every LOG_EVERY steps
     if r.paused():                             # train.max_steps stopped it: resumable
         return r.dir
@@ -23,11 +23,12 @@ schedule, the step's batch (an epoch's permutation is a pure function of (seed, 
 its augmentation generator (reseeded from (seed, rank, step): no RNG state to checkpoint),
 progress bar and W&B rows, the non-finite-loss stop, SIGTERM/SIGUSR2 (checkpoint, then
 stop), `train.checkpoint_every_steps`, `train.max_steps`, epoch timing, the per-epoch history
-and monitor, and an atomic checkpoint.pt after every epoch. A resumed job redraws exactly the
-batches and views an uninterrupted one would, so it ends with the same weights.
+and monitor, an atomic checkpoint.pt after every epoch, and a time budget (`train.budget_min`:
+`_calibrate`). A resumed job redraws exactly the batches and views an uninterrupted one would,
+so it ends with the same weights.
 
-No callbacks beyond `on_epoch_end`, no hooks, no class hierarchy: a stage that needs something
-else writes it in its own loop body.
+Nothing is called back but the monitor (at the kNN cadence) and `per_epoch`; no hooks, no class
+hierarchy: a stage that needs something else writes it in its own loop body.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ from core.evaluate import evaluate_backbone
 from core.optim import warmup_cosine
 from core.track import Progress, Tracker, log_line
 
-# A time budget (train.budget_min) is planned from the median of at least CALIBRATION_STEPS timed
-# steps (and CALIBRATION_S seconds of them), after WARM_STEPS untimed ones (compilation, cuDNN's
-# autotuning, the first batches). The median: a 2-core machine shared with other jobs showed
-# single steps at 2-3x the typical one. PLAN_MARGIN of what is left stays unplanned.
-WARM_STEPS, CALIBRATION_STEPS, CALIBRATION_S, PLAN_MARGIN = 3, 10, 2.0, 0.03
+# A time budget (train.budget_min) is planned from at least CALIBRATION_STEPS timed steps (and
+# CALIBRATION_S seconds of them), after WARM_STEPS untimed ones (compilation, cuDNN's autotuning,
+# the first batches): their mean without the slowest TRIM of them (a 2-core machine shared with
+# other jobs showed single steps at 2-3x the typical one; a median would also drop the slower step
+# that starts each epoch, and short epochs then overran by 6%). PLAN_MARGIN of what is left stays
+# unplanned.
+WARM_STEPS, CALIBRATION_STEPS, CALIBRATION_S, TRIM, PLAN_MARGIN = 3, 10, 2.0, 0.1, 0.03
 # Steps between reads of the recorded losses (one host sync each: the CPU stops queueing work
 # until the device catches up) and between W&B rows.
 LOG_EVERY = 10
@@ -317,7 +320,20 @@ class Run:
                 if enough():
                     break
         self._read_losses()  # a non-finite loss here stops the run before it starts
-        step_s = float(np.median(np.diff(times[WARM_STEPS:])))
+        timed = np.sort(np.diff(times[WARM_STEPS:]))
+        step_s = float(np.mean(timed[:len(timed) - max(1, int(TRIM * len(timed)))]))
+        # A checkpoint as large as the run's (the optimizer's state exists only after a step: the
+        # step-0 checkpoint is half the size with SGD momentum), written where resume never reads;
+        # the fastest of three writes (single writes of a new file took up to 3x the typical one here).
+        save_s = 0.0
+        if self.dist.is_main:
+            scratch, writes = self.dir / "calibration.pt", []
+            for _ in range(3):
+                t = time.perf_counter()
+                ckpt.atomic_save({name: obj.state_dict() for name, obj in self.objects.items()}, scratch)
+                writes.append(time.perf_counter() - t)
+            scratch.unlink()
+            save_s = min(writes)
         monitor_s = 0.0  # timed even without a cadence: the final evaluation is about two of them
         if monitor is not None and self.dist.is_main:
             t = time.perf_counter()
@@ -329,10 +345,8 @@ class Run:
         self._pending.clear()
         self._epoch_sum, self._epoch_count, self.last = 0.0, 0, {}
         self.step = start
-        t = time.perf_counter()
         fresh = self.state is None
-        self.save()  # how long a checkpoint takes, once an epoch (and a resumable step 0)
-        save_s = time.perf_counter() - t
+        self.save()  # a resumable step 0
         final_s = 2 * monitor_s if final_s is None else final_s
         left = (cfg.train.budget_min * 60 - (time.perf_counter() - self.t0) - final_s) * (1 - PLAN_MARGIN)
         epoch_s = step_s * spe + save_s

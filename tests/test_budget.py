@@ -31,8 +31,9 @@ def test_a_budgeted_stage_ends_within_ten_percent_of_its_budget(tmp_path):
     plan = m["budget_plan"]
     print(f"budget 60 s: ended after {seconds:.1f} s, {plan['epochs']} epochs planned "
           f"({plan['seconds_per_epoch']:.2f} s each, setup {plan['setup_s']:.1f} s)")
-    # Measured here: 54.7 and 64.8 s in two runs (the 2-core machine drifts by about as much between
-    # calibration and training); asserted loosely, so that a busy machine does not fail it.
+    # Measured here: 58.6 s (python -m pytest tests/test_budget.py -s); before the checkpoint was
+    # timed at its full size, 54.7 and 64.8 s. The 2-core machine drifts by about 10% between
+    # calibration and training: asserted loosely, so that a busy machine does not fail it.
     assert 0.8 * 60 <= seconds <= 1.2 * 60, seconds
     assert m["epochs"] == plan["epochs"] >= 2 and len(m["history"]) == plan["epochs"]
     state = ckpt.safe_load(out / "checkpoint.pt")
@@ -111,16 +112,21 @@ def test_a_pipeline_shares_its_budget_as_configured(tmp_path):
     res = run_cli(["-m", "launch", "pipeline", str(path), f"run_root={root}", "budget_min=1.5"], cwd=ROOT, timeout=600)
     seconds = time.perf_counter() - start
     assert res.returncode == 0, res.stderr[-3000:]
-    budgets = {}
+    budgets, metrics = {}, {}
     for stage in ("byol", "distill"):
         cfg = (root / stage / "tiny" / "config.yaml").read_text()
         budgets[stage] = float(next(ln for ln in cfg.splitlines() if "budget_min" in ln).split(":")[1])
-        m = json.loads((root / stage / "tiny" / "metrics.json").read_text())
-        assert m["budget_plan"]["budget_min"] == budgets[stage]
-    print(f"pipeline of 1.5 min: {seconds:.1f} s; byol {budgets['byol']:.3f} min, distill {budgets['distill']:.3f} min")
+        metrics[stage] = json.loads((root / stage / "tiny" / "metrics.json").read_text())
+        assert metrics[stage]["budget_plan"]["budget_min"] == budgets[stage]
+    probe_s = json.loads((root / "probe" / "tiny" / "metrics.json").read_text())["seconds"]
+    used_s = metrics["byol"]["stage_seconds"] + probe_s  # inside the stages' processes
+    left_s = 60 * budgets["distill"]
+    print(f"pipeline of 1.5 min: {seconds:.1f} s; byol {budgets['byol']:.3f} min, used {metrics['byol']['stage_seconds']:.1f} s; "
+          f"probe {probe_s:.1f} s; distill {budgets['distill']:.3f} min, used {metrics['distill']['stage_seconds']:.1f} s")
     assert budgets["byol"] == pytest.approx(0.6 * 1.5, rel=0.02)  # its share of all 1.5 minutes
-    # distill: all that byol and the probe left (its share is the rest), whatever they used
-    assert 0.3 * 1.5 < budgets["distill"] < 1.5 - 0.9 * 0.6 * 1.5
+    # distill (the rest of the shares): all that byol and the probe left, whatever they used; the
+    # launcher's own time and three Python starts (a few seconds each here) come on top of theirs.
+    assert 90 - used_s - 30 < left_s < 90 - used_s
     # Timing here is the stages' (test_a_budgeted_stage_ends_within_ten_percent_of_its_budget); the
     # whole pipeline, its launcher and three Python starts included, loosely:
     assert seconds <= 1.3 * 90, seconds
