@@ -257,7 +257,8 @@ def run_lightly(cfg: Config, args, device, dataset, steps: int, warmup: int) -> 
     step = make_step(cfg, device, nets, optimizer, lr, views_of, warmup + steps)
     result = measure(forever(lambda epoch: loader), step, steps, warmup, cfg.train.batch_size, device)
     result["optimizer"] = type(optimizer).__module__ + "." + type(optimizer).__name__
-    del nets, optimizer, loader
+    del nets, optimizer
+    loader = None  # its workers end (the lambda above holds the name, so not `del`)
     free(device)
     return result
 

@@ -16,10 +16,10 @@
 #   bash bench/device_env_cpu.sh tests         # the whole suite under torch 2.11 (~8 min; W&B and
 #                                              # import-linter added for it, in a site of their own)
 #   bash bench/device_env_cpu.sh draw          # `bash bench/gpu.sh draw` itself, on the CPU at CPU scale:
-#                                              # 40 CIFAR-10 images a class, batch 64, budget_min=$DRAW_BUDGET
+#                                              # 40 CIFAR-10 images a class at 16 px, batch 64, budget_min=$DRAW_BUDGET
 #                                              # (9); checks $OUT holds every file the GPU call brings back
-#   bash bench/device_env_cpu.sh draw-cut      # the same cut off by its deadline mid-pipeline: what
-#                                              # finished must still come back
+#   bash bench/device_env_cpu.sh draw-cut      # the same cut off by its deadline ($DRAW_CUT_AT s, 420: in
+#                                              # prune) mid-pipeline: what finished must still come back
 #   bash bench/device_env_cpu.sh draw-speed    # `bash bench/gpu.sh draw-speed` at toy size
 # Several steps may be named in one call; `env` (idempotent) and a fresh checkout come first. Runs go to $WORK.
 set -euo pipefail
@@ -71,7 +71,7 @@ draw_rehearsal() {  # draw_rehearsal BUDGET_MIN DEADLINE_S: gpu.sh draw on the C
   local out=$WORK/$step-out
   rm -rf "$out" && mkdir -p "$out"
   PATH=$VENV/bin:$PATH SITE=$SITE DEVICE=cpu OUT=$out DATA_OVERRIDE=$WORK/c10small DRAW_ROOT=$WORK/$step-root \
-    DRAW_BUDGET=$1 DRAW_DEADLINE=$2 DRAW_ARGS="train.batch_size=64 eval.probe_epochs=20 eval.knn_k=20" \
+    DRAW_BUDGET=$1 DRAW_DEADLINE=$2 DRAW_ARGS="data.image_size=16 train.batch_size=64 eval.probe_epochs=20 eval.knn_k=20" \
     bash bench/gpu.sh draw || true
   echo "device_env_cpu.sh: $step brought back:"; ls -la "$out"
   local missing=()
@@ -108,7 +108,7 @@ for step in "$@"; do
         engine.progress=false "${extra[@]}"
       "${PYRUN[@]}" bench/pack_artifacts.py $WORK/$step $WORK/$step-artifacts.zip ;;
     draw) small_cifar; draw_rehearsal "${DRAW_BUDGET:-9}" "${DRAW_DEADLINE:-900}" ;;
-    draw-cut) small_cifar; draw_rehearsal "${DRAW_BUDGET:-9}" "${DRAW_CUT_AT:-300}" ;;
+    draw-cut) small_cifar; draw_rehearsal "${DRAW_BUDGET:-9}" "${DRAW_CUT_AT:-420}" ;;
     draw-speed)
       small_cifar
       rm -rf "$WORK/speed-out" && mkdir -p "$WORK/speed-out"

@@ -56,10 +56,14 @@ def zeroed_bytes(path: Path) -> bytes:
     return buf.getvalue()
 
 
-def pack(run_root: Path, out: Path) -> list:
-    """Write the zip; returns the artifact dirs packed (relative to run_root)."""
-    dirs = find_artifacts([run_root])
-    if not dirs:
+def pack(run_root: Path, out: Path, allow_empty: bool = False) -> list:
+    """Write the zip; returns the artifact dirs packed (relative to run_root).
+
+    allow_empty: with no finished artifact, still write a zip (holding only the PACKED note), so a
+    GPU call cut off before its first stage ended still brings back the file its caller expects.
+    """
+    dirs = find_artifacts([run_root]) if run_root.is_dir() else []
+    if not dirs and not allow_empty:
         raise SystemExit(f"pack_artifacts: no artifact (a dir with metrics.json) under {run_root}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -77,6 +81,8 @@ def pack(run_root: Path, out: Path) -> list:
                     z.write(f, name)
             z.writestr(str(rel / "PACKED"), NOTE)
             packed.append(rel)
+        if not dirs:
+            z.writestr("PACKED", NOTE + f"No stage had finished under {run_root}: nothing else was packed.\n")
     tmp.replace(out)
     return packed
 
@@ -85,8 +91,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_root", type=Path)
     parser.add_argument("out", type=Path, help="the zip to write")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the zip (a note only) even when no stage has finished")
     args = parser.parse_args(argv)
-    packed = pack(args.run_root, args.out)
+    packed = pack(args.run_root, args.out, allow_empty=args.allow_empty)
     print(f"pack_artifacts: {len(packed)} artifacts ({', '.join(map(str, packed))}) -> {args.out} "
           f"({args.out.stat().st_size / 2**20:.1f} MB)")
 

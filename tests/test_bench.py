@@ -275,6 +275,19 @@ def planted_pipeline(root, teacher_top1=0.86, int8_top1=0.845):
     return root
 
 
+def test_pack_with_nothing_finished_fails_unless_allowed_empty(tmp_path):
+    # A GPU draw cut off before its first stage ended still brings back the zip it promises.
+    (tmp_path / "runs/byol/p").mkdir(parents=True)
+    z = tmp_path / "a.zip"
+    proc = run_cli(["bench/pack_artifacts.py", str(tmp_path / "runs"), str(z)])
+    assert proc.returncode != 0 and "no artifact" in proc.stderr and not z.exists()
+    proc = run_cli(["bench/pack_artifacts.py", "--allow-empty", str(tmp_path / "runs"), str(z)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import zipfile
+    with zipfile.ZipFile(z) as f:
+        assert f.namelist() == ["PACKED"] and b"No stage had finished" in f.read("PACKED")
+
+
 def test_pack_zeroes_weights_keeping_sizes_and_report_checks_targets(tmp_path):
     from core import checkpoint as ckpt
 
