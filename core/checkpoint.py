@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,18 @@ def _atomic_write(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_interrupted_writes(directory: Path, also: Sequence[str] = ()) -> List[str]:
+    """Delete the temp files of atomic writes a killed job never finished (`.NAME.*.tmp`, never
+    read: the rename is what publishes a write) and the names in `also`; returns what went."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    gone = [f for f in directory.glob(".*.tmp") if f.is_file()] + [directory / n for n in also if (directory / n).is_file()]
+    for f in gone:
+        f.unlink(missing_ok=True)
+    return sorted(f.name for f in gone)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

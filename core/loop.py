@@ -147,6 +147,10 @@ class Run:
         if self.budget_plan is not None:  # a resumed budgeted run keeps the plan it made
             self.plan(self.budget_plan["epochs"])
             self.extra["plan"] = self.budget_plan
+        if self.dist.is_main:  # what a job killed mid-write left behind (nothing reads it)
+            gone = ckpt.remove_interrupted_writes(self.dir, also=("calibration.pt",))
+            if gone:
+                log_line(f"{self.stage}: removed {len(gone)} unfinished write(s) of an interrupted job: {', '.join(gone)}")
         if self.state is None and self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.dir / "config.yaml", to_yaml(cfg))

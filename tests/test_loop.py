@@ -110,6 +110,20 @@ def test_max_steps_then_resume_is_exact(uninterrupted, tmp_path):
     assert_same_state(states(uninterrupted), states(part))
 
 
+def test_a_resumed_run_removes_the_writes_a_killed_job_left_unfinished(uninterrupted, tmp_path, capsys):
+    root = tmp_path / "runs"
+    part = tiny_stage(config(root, "name=ref", "train.max_steps=5"))
+    # What a kill during a checkpoint write (or during a budget's calibration) leaves behind
+    leftovers = [part / ".checkpoint.pt.k3x9a1.tmp", part / ".metrics.json.q2.tmp", part / "calibration.pt"]
+    for f in leftovers:
+        f.write_bytes(b"half a write")
+    (part / "notes.tmp").write_text("a user's file: not ours")
+    tiny_stage(config(root, "name=ref"))
+    assert not any(f.exists() for f in leftovers) and (part / "notes.tmp").exists()
+    assert "removed 3 unfinished write(s) of an interrupted job" in capsys.readouterr().err
+    assert_same_state(states(uninterrupted), states(part))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
 def test_a_signal_checkpoints_at_the_end_of_the_step_then_resumes_exactly(uninterrupted, tmp_path, sig):
     global signal_at_signal
