@@ -25,7 +25,7 @@ def _dependency(planned: Planned, job_ids: Sequence[str]) -> str:
     return "afterok:" + ":".join(job_ids[i] for i in planned.after) if planned.after else ""
 
 
-def describe(planned: Sequence[Planned], array: bool, say: Callable[[str], None] = print) -> None:
+def describe(planned: Sequence[Planned], array: bool, say: Callable[[str], None] = print, array_name: str = "") -> None:
     """--dry-run: each resolved config and the sbatch script submitit would write; submits nothing."""
     settings = launch_settings(planned)
     folder = submitit_folder(planned[0].cfg)
@@ -40,7 +40,7 @@ def describe(planned: Sequence[Planned], array: bool, say: Callable[[str], None]
             f"{'in this process' if settings.cluster == 'debug' else 'as local subprocesses'}, in order")
         return
     if array:
-        params = slurm_parameters(planned[0].cfg.launch, planned[0].job_name)
+        params = slurm_parameters(planned[0].cfg.launch, array_name or planned[0].job_name)
         say(f"# ===== sbatch script: one array of {len(planned)} tasks")
         say(sbatch_script(folder, params, array_size=len(planned)))
         return
@@ -50,7 +50,7 @@ def describe(planned: Sequence[Planned], array: bool, say: Callable[[str], None]
         say(sbatch_script(folder, params))
 
 
-def preflight(planned: Sequence[Planned], array: bool, dry_run: bool = False) -> None:
+def preflight(planned: Sequence[Planned], array: bool, dry_run: bool = False, array_name: str = "") -> None:
     """Everything Slurm can tell before a job exists; a dry run without sbatch skips it."""
     settings = launch_settings(planned)
     if settings.cluster != "slurm":
@@ -58,8 +58,8 @@ def preflight(planned: Sequence[Planned], array: bool, dry_run: bool = False) ->
     folder = submitit_folder(planned[0].cfg)
     firsts = planned[:1] if array else planned
     # Without the dependency: --test-only cannot know job ids that do not exist yet.
-    scripts = [sbatch_script(folder, slurm_parameters(p.cfg.launch, p.job_name), len(planned) if array else 0)
-               for p in firsts]
+    scripts = [sbatch_script(folder, slurm_parameters(p.cfg.launch, (array_name or p.job_name) if array else p.job_name),
+                             len(planned) if array else 0) for p in firsts]
     check_slurm(settings, scripts, dry_run)
 
 
@@ -75,9 +75,10 @@ def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False,
     started = time.time()
     if not planned:
         raise UserError("nothing to launch")
-    preflight(planned, array, dry_run)
+    array_name = f"{kind}-{name}"  # squeue shows the sweep, not its first task
+    preflight(planned, array, dry_run, array_name)
     if dry_run:
-        describe(planned, array, say)
+        describe(planned, array, say, array_name)
         return None
     settings = launch_settings(planned)
     folder = submitit_folder(planned[0].cfg)
@@ -99,7 +100,7 @@ def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False,
     if on_record is not None:
         on_record(record)
     if settings.cluster == "slurm":
-        _submit_slurm(planned, configs, folder, array, manifest, say)
+        _submit_slurm(planned, configs, folder, array, manifest, say, array_name)
     else:
         _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say,
                      (budget_min, started) if budget_min else None)
@@ -108,12 +109,11 @@ def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False,
     return manifest
 
 
-def _submit_slurm(planned, configs, folder, array, manifest, say) -> None:
+def _submit_slurm(planned, configs, folder, array, manifest, say, array_name: str) -> None:
     jobs = []
     try:
         if array:
-            ex = make_executor(planned[0].cfg.launch, folder, slurm_parameters(planned[0].cfg.launch,
-                                                                                planned[0].job_name))
+            ex = make_executor(planned[0].cfg.launch, folder, slurm_parameters(planned[0].cfg.launch, array_name))
             with ex.batch():
                 jobs = [ex.submit(StageJob(p.stage, configs[i])) for i, p in enumerate(planned)]
         else:

@@ -84,6 +84,7 @@ def test_dry_run_of_pipeline_and_sweep_show_dependency_and_array(tmp_path, no_sl
                           "--dry-run"], capsys)
     assert code == 0, err
     assert out.count("#!/bin/bash") == 1 and "#SBATCH --array=0-5%2" in out
+    assert "#SBATCH --job-name=sweep-g" in out  # the array is named after the sweep, not its first task
     assert "%A_%a_0_log.out" in out
     assert not root.exists()
 

@@ -262,7 +262,7 @@ def test_sweep_is_one_job_array_with_per_task_overrides_and_one_wandb_group(refe
     array_id = ids[0].split("_")[0]
     assert ids == [f"{array_id}_{i}" for i in range(4)]  # one array, four tasks
     script = (Path(sweep["folder"]) / f"{array_id}_submission.sh").read_text()
-    assert "#SBATCH --array=0-3%2" in script
+    assert "#SBATCH --array=0-3%2" in script and "#SBATCH --job-name=sweep-probe-lr" in script
     assert_completed(sweep, wait(sweep))
 
     groups, run_ids = set(), set()
