@@ -63,7 +63,8 @@ def cmd_pipeline(a) -> int:
                     p.cfg.train.budget_min = p.cfg.launch.budget_share * budget
                     p.overrides.append(f"train.budget_min={p.cfg.train.budget_min:g}")
     manifest = launch("pipeline", name, planned, stop_on_failure=True, dry_run=a.dry_run,
-                      budget_min=budget if budget is not None and planned[0].cfg.launch.cluster != "slurm" else None)
+                      budget_min=budget if budget is not None and planned[0].cfg.launch.cluster != "slurm" else None,
+                      collect_to=Path(planned[0].cfg.run_root) / "collect" / name)
     if manifest and manifest["cluster"] != "slurm":
         done = [p.run_dir for p in planned if (p.run_dir / "metrics.json").is_file()]
         if done:
@@ -84,7 +85,8 @@ def cmd_sweep(a) -> int:
     # One stage: one job array. A pipeline sweep: each seed's pipeline, chained (afterok).
     one_stage = bool(spec["stage"])
     manifest = launch("sweep", spec["name"], planned, array=one_stage, stop_on_failure=False, dry_run=a.dry_run,
-                      extra={"sweep": spec["name"]}, on_record=record_sweep)
+                      extra={"sweep": spec["name"]}, on_record=record_sweep,
+                      collect_to=Path(planned[0].cfg.run_root) / "collect" / spec["name"])
     if written:
         kind = "variants" if one_stage else "steps"
         print(f"sweep {spec['name']}: {len(planned)} runs ({len(spec['variants'])} {kind} x "

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -137,6 +137,37 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __repr__(self) -> str:
         return f"StageJob({self.stage}, {self.config})"
+
+
+class CollectJob:
+    """The last job of a SLURM pipeline or sweep (afterany: it runs whatever the stages did): the
+    table `launch collect` writes, for the runs that finished, where a local run writes it."""
+
+    def __init__(self, run_root: str | Path, run_dirs: Sequence[str | Path], out: str | Path):
+        self.run_root, self.run_dirs, self.out = str(run_root), [str(d) for d in run_dirs], str(out)
+
+    def __call__(self) -> str:
+        from launch.collect import collect
+
+        done = [d for d in self.run_dirs if (Path(d) / "metrics.json").is_file()]
+        if not done:
+            print(f"collect: none of the {len(self.run_dirs)} runs finished; no table", flush=True)
+            return ""
+        print(collect([self.run_root], out=self.out, only=done), flush=True)  # the run root: sweep groups too
+        return self.out
+
+    def __repr__(self) -> str:
+        return f"CollectJob({len(self.run_dirs)} runs -> {self.out})"
+
+
+def collect_parameters(launch: LaunchConfig, job_name: str, after: Sequence[str]) -> Dict[str, Any]:
+    """A small CPU job on the stages' partition, once every job in `after` has ended however
+    it ended (a failed stage's table still shows the stages before it)."""
+    small = replace(launch, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1,
+                    timeout_min=min(launch.timeout_min, 30))
+    params = slurm_parameters(small, job_name, "afterany:" + ":".join(after))
+    params["additional_parameters"].pop("kill_on_invalid_dep", None)  # afterany is never invalid
+    return params
 
 
 # ----------------------------------------------------------------------------- configs

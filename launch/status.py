@@ -134,6 +134,13 @@ def status_lines(run_root: str | Path, show_all: bool = False) -> List[str]:
                          f"{job['run_dir']}" + (f"  [{detail}]" if detail else ""))
             if job.get("stdout"):
                 lines.append(f"  {'':>10}  log: {job['stdout']}  (.err beside it)")
+        if manifest.get("collect"):  # SLURM: the table, written by a last job once the others end
+            c = manifest["collect"]
+            state, detail = job_state(c, manifest["cluster"], manifest["folder"])
+            table = Path(c["out"]) / "results.md"
+            lines.append(f"  {c['job_id']:>10}  {state:<10} {'collect':<8} {'the table':<28} "
+                         + (f"{table}" if table.is_file() else f"{table} (not written yet)")
+                         + (f"  [{detail}]" if detail else ""))
     return lines
 
 

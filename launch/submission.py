@@ -17,8 +17,8 @@ from core.config import to_yaml
 from core.errors import UserError
 from launch import status
 from launch.pipeline import stage_budget_min
-from launch.jobs import (Planned, StageJob, check_slurm, launch_settings, make_executor, sbatch_script,
-                         slurm_parameters, submitit_folder, wait_local)
+from launch.jobs import (CollectJob, Planned, StageJob, check_slurm, collect_parameters, launch_settings,
+                         make_executor, sbatch_script, slurm_parameters, submitit_folder, wait_local)
 
 
 def _dependency(planned: Planned, job_ids: Sequence[str]) -> str:
@@ -65,8 +65,12 @@ def preflight(planned: Sequence[Planned], array: bool, dry_run: bool = False, ar
 
 def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False, stop_on_failure: bool = True,
            dry_run: bool = False, extra: Optional[dict] = None, on_record: Optional[Callable[[Path], None]] = None,
-           say: Callable[[str], None] = print, budget_min: Optional[float] = None) -> Optional[dict]:
+           say: Callable[[str], None] = print, budget_min: Optional[float] = None,
+           collect_to: Optional[Path] = None) -> Optional[dict]:
     """Submit (slurm) or run (local/debug) the plan; returns the manifest, None on a dry run.
+
+    `collect_to` (slurm): a last job, after all the others however they end, writes the table of
+    the finished runs there (`launch collect`); locally the caller collects when the jobs are done.
 
     `on_record(record_dir)` runs once every check has passed, just before the first job goes out.
     `budget_min` (local runs): minutes for all the jobs, shared by their launch.budget_share as
@@ -101,6 +105,8 @@ def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False,
         on_record(record)
     if settings.cluster == "slurm":
         _submit_slurm(planned, configs, folder, array, manifest, say, array_name)
+        if collect_to is not None:
+            _submit_collect(planned, folder, manifest, say, f"collect-{name}", collect_to)
     else:
         _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say,
                      (budget_min, started) if budget_min else None)
@@ -131,6 +137,16 @@ def _submit_slurm(planned, configs, folder, array, manifest, say, array_name: st
                      stderr=str(job.paths.stderr), after=[str(jobs[i].job_id) for i in p.after])
         waits = f" after {','.join(entry['after'])}" if entry["after"] else ""
         say(f"submitted {p.job_name}: job {job.job_id}{waits} -> {p.run_dir}\n  log: {job.paths.stdout}")
+
+
+def _submit_collect(planned, folder, manifest, say, job_name: str, out: Path) -> None:
+    after = sorted({j["job_id"].split("_")[0] for j in manifest["jobs"]})  # an array: its base id
+    params = collect_parameters(planned[0].cfg.launch, job_name, after)
+    job = make_executor(planned[0].cfg.launch, folder, params).submit(
+        CollectJob(planned[0].cfg.run_root, [p.run_dir for p in planned], out))
+    manifest["collect"] = {"job_id": str(job.job_id), "out": str(out), "run_dir": str(out),
+                           "stdout": str(job.paths.stdout), "after": after}
+    say(f"submitted {job_name}: job {job.job_id} after {','.join(after)} ends -> {out}/results.md")
 
 
 def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say, budget=None) -> None:

@@ -237,6 +237,21 @@ def test_pipeline_runs_in_order_and_a_failed_stage_cancels_its_dependents(tmp_pa
 
     good_states = wait(good)
     assert_completed(good, good_states)
+    # The table, without a manual collect: a last job after all the others (afterany).
+    for manifest, rows in ((good, 2), (bad, 0)):
+        c = manifest["collect"]
+        assert c["after"] == sorted(j["job_id"] for j in manifest["jobs"])
+        assert status.wait_slurm([c["job_id"]], manifest["folder"], timeout_s=120)[c["job_id"]][0] == "COMPLETED"
+        table = Path(c["out"]) / "results.md"
+        if rows:
+            text = table.read_text()
+            assert all(f"| {j['stage']}/{j['name']} |" in text for j in manifest["jobs"]), text
+            assert (Path(c["out"]) / "runs.csv").is_file()
+        else:  # nothing finished: no table, and the log says why
+            assert not table.exists() and "none of the 2 runs finished" in Path(c["stdout"]).read_text()
+    lines = status.status_lines(good_root)
+    assert any("collect" in ln and "COMPLETED" in ln and str(Path(good["collect"]["out"]) / "results.md") in ln
+               for ln in lines), lines
     byol_dir, probe_dir = (Path(j["run_dir"]) for j in good["jobs"])
     # probe read byol's finished artifact: it started after byol wrote its last file
     assert (probe_dir / "config.yaml").stat().st_mtime >= (byol_dir / "metrics.json").stat().st_mtime
@@ -264,6 +279,9 @@ def test_sweep_is_one_job_array_with_per_task_overrides_and_one_wandb_group(refe
     script = (Path(sweep["folder"]) / f"{array_id}_submission.sh").read_text()
     assert "#SBATCH --array=0-3%2" in script and "#SBATCH --job-name=sweep-probe-lr" in script
     assert_completed(sweep, wait(sweep))
+    c = sweep["collect"]  # one table for the whole array, after its last task
+    assert c["after"] == [array_id] and status.wait_slurm([c["job_id"]], sweep["folder"], timeout_s=120)[c["job_id"]][0] == "COMPLETED"
+    assert (Path(c["out"]) / "results.md").read_text().count("| probe/probe-lr-") == 4
 
     groups, run_ids = set(), set()
     for job in sweep["jobs"]:
