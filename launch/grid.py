@@ -203,7 +203,8 @@ def plan_sweep(path: str | Path, cli_overrides: Sequence[str] = ()) -> Tuple[dic
                 check_inputs(stage, cfg)
             except UserError as e:
                 raise UserError(f"{path}: variant '{variant}' seed {seed}: {e}") from None
-            planned.append(Planned(stage, cfg, overrides=var_overrides + run, variant=variant))
+            # recorded whole, in the order applied: the grid file's, the command line's, the variant's, the run's
+            planned.append(Planned(stage, cfg, overrides=overrides, variant=variant))
     launches = {str(p.cfg.launch) for p in planned}  # one array shares them
     if len(launches) > 1:
         raise UserError(f"{path}: the runs of one array must share their launch.* settings")

@@ -269,6 +269,10 @@ def test_sweep_expands_grid_and_variants_into_named_runs(tmp_path):
     run = planned[names.index("ablate-lr0.2-momentum_start0.99-s1")]
     assert (run.cfg.train.lr, run.cfg.byol.momentum_start, run.cfg.seed) == (0.2, 0.99, 1)
     assert run.cfg.train.epochs == 5  # command line beats the grid file's `overrides:`
+    # What the manifest and sweep.json record: everything that made the config, in order
+    assert run.overrides == ["train.epochs=7", f"run_root={tmp_path}/runs", "train.epochs=5", "train.lr=0.2",
+                             "byol.momentum_start=0.99", "seed=1", "name=ablate-lr0.2-momentum_start0.99-s1",
+                             "track.group=ablate"]
     assert {p.cfg.track.group for p in planned} == {"ablate"}
 
     g = write_grid(tmp_path, name="sg", variants={"base": {}, "no-sg": {"byol": {"stop_gradient": False}}})
