@@ -334,7 +334,7 @@ class Run:
             scratch, writes = self.dir / "calibration.pt", []
             for _ in range(3):
                 t = time.perf_counter()
-                ckpt.atomic_save({name: obj.state_dict() for name, obj in self.objects.items()}, scratch)
+                ckpt.atomic_save(self._checkpoint(), scratch)
                 writes.append(time.perf_counter() - t)
             scratch.unlink()
             save_s = min(writes)
@@ -431,11 +431,14 @@ class Run:
         self._read_losses()  # never save weights a non-finite loss has touched
         if not self.dist.is_main:
             return
-        ckpt.atomic_save({
+        ckpt.atomic_save(self._checkpoint(), self.dir / "checkpoint.pt")
+
+    def _checkpoint(self) -> dict:
+        return {
             **self.extra, **{name: obj.state_dict() for name, obj in self.objects.items()},
             "step": self.step, "history": self.history, "wandb_id": self.tracker.id,
             "epoch_loss": [self._epoch_sum, self._epoch_count], "torch_rng": torch.get_rng_state(),
-        }, self.dir / "checkpoint.pt")
+        }
 
     def paused(self, end: Optional[int] = None) -> bool:
         """True (and the job ends resumable) when train.max_steps stopped it: before `end` (default:

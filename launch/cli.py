@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 from core.errors import UserError
 from launch.collect import COSTS, collect
 from launch.grid import plan_sweep, write_sweep_json
-from launch.jobs import STAGES, Planned, check_inputs, resolve
+from launch.jobs import STAGES, CollectJob, Planned, check_inputs, resolve
 from launch.pipeline import check_shares, plan_pipeline, split_budget
 from launch.status import status_lines
 from launch.submission import launch
@@ -62,13 +62,12 @@ def cmd_pipeline(a) -> int:
                 if hasattr(p.cfg, "train"):
                     p.cfg.train.budget_min = p.cfg.launch.budget_share * budget
                     p.overrides.append(f"train.budget_min={p.cfg.train.budget_min:g}")
+    table = Path(planned[0].cfg.run_root) / "collect" / name
     manifest = launch("pipeline", name, planned, stop_on_failure=True, dry_run=a.dry_run,
                       budget_min=budget if budget is not None and planned[0].cfg.launch.cluster != "slurm" else None,
-                      collect_to=Path(planned[0].cfg.run_root) / "collect" / name)
-    if manifest and manifest["cluster"] != "slurm":
-        done = [p.run_dir for p in planned if (p.run_dir / "metrics.json").is_file()]
-        if done:
-            print(collect(done, out=Path(planned[0].cfg.run_root) / "collect" / name))
+                      collect_to=table)
+    if manifest and manifest["cluster"] != "slurm":  # what the SLURM collect job does, here
+        CollectJob(planned[0].cfg.run_root, [p.run_dir for p in planned], table)()
     return 1 if _failed(manifest) else 0
 
 
@@ -84,16 +83,15 @@ def cmd_sweep(a) -> int:
 
     # One stage: one job array. A pipeline sweep: each seed's pipeline, chained (afterok).
     one_stage = bool(spec["stage"])
+    table = Path(planned[0].cfg.run_root) / "collect" / spec["name"]
     manifest = launch("sweep", spec["name"], planned, array=one_stage, stop_on_failure=False, dry_run=a.dry_run,
-                      extra={"sweep": spec["name"]}, on_record=record_sweep,
-                      collect_to=Path(planned[0].cfg.run_root) / "collect" / spec["name"])
+                      extra={"sweep": spec["name"]}, on_record=record_sweep, collect_to=table)
     if written:
         kind = "variants" if one_stage else "steps"
         print(f"sweep {spec['name']}: {len(planned)} runs ({len(spec['variants'])} {kind} x "
               f"{len(spec['seeds'])} seeds); manifest {written[0]}")
     if manifest and manifest["cluster"] != "slurm":
-        print(collect([planned[0].cfg.run_root], out=Path(planned[0].cfg.run_root) / "collect" / spec["name"],
-                      only=[p.run_dir for p in planned]))
+        CollectJob(planned[0].cfg.run_root, [p.run_dir for p in planned], table)()
     return 1 if _failed(manifest) else 0
 
 

@@ -165,9 +165,7 @@ def collect_parameters(launch: LaunchConfig, job_name: str, after: Sequence[str]
     it ended (a failed stage's table still shows the stages before it)."""
     small = replace(launch, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1,
                     timeout_min=min(launch.timeout_min, 30))
-    params = slurm_parameters(small, job_name, "afterany:" + ":".join(after))
-    params["additional_parameters"].pop("kill_on_invalid_dep", None)  # afterany is never invalid
-    return params
+    return slurm_parameters(small, job_name, "afterany:" + ":".join(after))
 
 
 # ----------------------------------------------------------------------------- configs

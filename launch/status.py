@@ -114,7 +114,7 @@ def job_state(job: dict, cluster: str, folder: str) -> Tuple[str, str]:
     done = result_state(folder, job["job_id"])
     if done is not None:
         return done
-    if (Path(job["run_dir"]) / "metrics.json").is_file():
+    if job.get("run_dir") and (Path(job["run_dir"]) / "metrics.json").is_file():  # collect has none
         return "COMPLETED", "artifact finished (job record gone)"
     return "UNKNOWN", "no longer known to Slurm and no result file: cancelled or killed (see the log)"
 

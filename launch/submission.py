@@ -144,8 +144,8 @@ def _submit_collect(planned, folder, manifest, say, job_name: str, out: Path) ->
     params = collect_parameters(planned[0].cfg.launch, job_name, after)
     job = make_executor(planned[0].cfg.launch, folder, params).submit(
         CollectJob(planned[0].cfg.run_root, [p.run_dir for p in planned], out))
-    manifest["collect"] = {"job_id": str(job.job_id), "out": str(out), "run_dir": str(out),
-                           "stdout": str(job.paths.stdout), "after": after}
+    manifest["collect"] = {"job_id": str(job.job_id), "out": str(out), "stdout": str(job.paths.stdout),
+                           "after": after}
     say(f"submitted {job_name}: job {job.job_id} after {','.join(after)} ends -> {out}/results.md")
 
 
