@@ -157,7 +157,8 @@ class Run:
         elif self.state is not None and self.dist.is_main:
             log_line(f"{self.stage}: resumed {self.dir} at step {self.step}/{self.total_steps}")
         self.tracker = Tracker(cfg.track, self.dir, f"{self.stage}/{self.name}", to_dict(cfg),
-                               self.state["wandb_id"] if self.state else None, enabled=self.dist.is_main)
+                               self.state["wandb_id"] if self.state else None, enabled=self.dist.is_main,
+                               rows=self.state.get("wandb_rows", []) if self.state else ())
 
     def reload(self) -> dict:
         """Every rank reads checkpoint.pt as rank 0 just wrote it (a stage's step-0 or phase-start
@@ -268,11 +269,13 @@ class Run:
                                          | {f"{prefix}/{k}": v for k, v in self._scalars.items()}, step=self.step)
                     shown = {"loss": self.last["loss"]} if "loss" in self.last else {}
                     progress.update(len(images) * self.dist.world_size, **shown, lr=lr, epoch=epoch)
-                    if guard.stop_requested:
-                        self.save()
-                        self.tracker.finish()
-                        guard.stop()
-                    if cfg.train.checkpoint_every_steps and self.step % cfg.train.checkpoint_every_steps == 0:
+                    # At an epoch's last step its end (history, monitor, W&B row) comes first: a
+                    # checkpoint written before it would resume without that epoch's row.
+                    epoch_end = self.step % spe == 0
+                    if guard.stop_requested and not epoch_end:
+                        self._stop(guard)
+                    every = cfg.train.checkpoint_every_steps
+                    if every and self.step % every == 0 and not epoch_end:
                         self.save()
                     if self.step == stop_at:
                         break
@@ -288,7 +291,15 @@ class Run:
                             values.update(monitor())
                     self._end_epoch(done, phase, values, progress)
                 self.save()
+                if guard.stop_requested:
+                    self._stop(guard)
         progress.close()
+
+    def _stop(self, guard: engine.StopGuard) -> None:
+        """A signal asked the job to stop: checkpoint, let W&B write what it has, hand over."""
+        self.save()
+        self.tracker.finish()
+        guard.stop()
 
     # ------------------------------------------------------------------ time budget
 
@@ -436,7 +447,7 @@ class Run:
     def _checkpoint(self) -> dict:
         return {
             **self.extra, **{name: obj.state_dict() for name, obj in self.objects.items()},
-            "step": self.step, "history": self.history, "wandb_id": self.tracker.id,
+            "step": self.step, "history": self.history, "wandb_id": self.tracker.id, "wandb_rows": self.tracker.rows,
             "epoch_loss": [self._epoch_sum, self._epoch_count], "torch_rng": torch.get_rng_state(),
         }
 

@@ -20,7 +20,7 @@ from launch import jobs, status
 from launch.cli import main
 from launch.grid import plan_sweep
 from launch.pipeline import plan_pipeline
-from launch.wandb_reader import BLOCK, find_runs, read_records, read_run
+from core.wandb_reader import BLOCK, find_runs, read_records, read_run
 from tests.conftest import ROOT, TINY_BYOL, run_cli
 
 # TINY_BYOL split into what every stage accepts (pipeline `common`) and what only byol has.
@@ -609,3 +609,43 @@ def test_wandb_reader_reads_back_every_logged_value(tmp_path):
     bad.write_bytes(b"not a wandb file")
     with pytest.raises(UserError, match="not a W&B run file"):
         read_run(bad)
+
+
+def read_all_finished(root, timeout=60):
+    """Every .wandb file under root, read once each holds its exit record (W&B writes from another process)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [read_run(p) for p in find_runs(root)]
+        if all(r.finished for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("written,checkpoint", [(3, 5), (3, 2)])
+def test_a_resumed_tracker_logs_again_the_rows_an_interrupted_writer_lost(tmp_path, written, checkpoint):
+    """Slurm's SIGTERM kills wandb-core before it writes its buffer. On resume, the rows the
+    checkpoint kept past the last step W&B wrote are logged again (W&B wrote 3, the checkpoint is
+    at 5), and replayed steps W&B already has are skipped (W&B wrote 3, the checkpoint is at 2)."""
+    from core.config import TrackConfig
+    from core.track import Tracker
+
+    cfg = TrackConfig(mode="offline", project="t")
+    row = lambda s: {"train/loss": 1.0 / s, "train/lr": 0.1 * s}  # noqa: E731
+    first = Tracker(cfg, tmp_path, "byol/x", {"a": 1})
+    for s in range(1, written + 1):  # what W&B wrote before its writer was killed
+        first.log(row(s), step=s)
+    first.finish()
+    assert [r["_step"] for run in read_all_finished(tmp_path) for r in run.history] == list(range(1, written + 1))
+    kept = [[s, row(s)] for s in range(1, checkpoint + 1)]  # what checkpoint.pt holds
+
+    second = Tracker(cfg, tmp_path, "byol/x", {"a": 1}, run_id=first.id, rows=kept)
+    assert second.written == max(written, checkpoint)
+    for s in range(checkpoint + 1, 8):  # the resumed job replays what came after its checkpoint
+        second.log(row(s), step=s)
+    second.finish()
+    runs = read_all_finished(tmp_path)
+    assert len(runs) == 2 and {r.run_id for r in runs} == {first.id}
+    rows = [r for run in runs for r in run.history]
+    assert [r["_step"] for r in rows] == list(range(1, 8))  # every step once, in order
+    assert [{k: r[k] for k in row(1)} for r in rows] == [row(s) for s in range(1, 8)]
+    assert [s for s, _ in second.rows] == list(range(1, 8))  # the next checkpoint keeps them all

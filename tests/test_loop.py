@@ -124,15 +124,18 @@ def test_a_resumed_run_removes_the_writes_a_killed_job_left_unfinished(uninterru
     assert_same_state(states(uninterrupted), states(part))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
-def test_a_signal_checkpoints_at_the_end_of_the_step_then_resumes_exactly(uninterrupted, tmp_path, sig):
+# Mid-epoch, and at an epoch's last step (index 3 of 4 a epoch): that epoch's end comes first.
+@pytest.mark.parametrize("sig,at", [(signal.SIGTERM, 6), (signal.SIGUSR2, 6), (signal.SIGUSR2, 3)])
+def test_a_signal_checkpoints_at_the_end_of_the_step_then_resumes_exactly(uninterrupted, tmp_path, sig, at):
     global signal_at_signal
     signal_at_signal = sig
     root = tmp_path / "runs"
     with pytest.raises(SystemExit) as stop:
-        tiny_stage(config(root, "name=ref"), signal_at=6)
+        tiny_stage(config(root, "name=ref"), signal_at=at)
     assert stop.value.code == 128 + sig
-    assert states(root / "tiny" / "ref")["step"] == 7  # the step in flight finished, then saved
+    state = states(root / "tiny" / "ref")
+    assert state["step"] == at + 1  # the step in flight finished, then saved
+    assert len(state["history"]) == (at + 1) // STEPS_PER_EPOCH
     tiny_stage(config(root, "name=ref"))
     assert_same_state(states(uninterrupted), states(root / "tiny" / "ref"))
 
@@ -166,7 +169,7 @@ def test_w_and_b_rows_every_log_every_steps_and_at_the_last(tmp_path, monkeypatc
 
     class Recorder:
         def __init__(self, *args, **kwargs):
-            self.id = "test"
+            self.id, self.rows = "test", []
 
         def log(self, metrics, step):
             rows.append((step, metrics))

@@ -60,6 +60,18 @@ def find_runs(root: str | Path) -> List[Path]:
     return sorted(Path(root).rglob("offline-run-*/run-*.wandb"))
 
 
+def last_step(wandb_dir: str | Path, run_id: str) -> int:
+    """The highest step whose history row W&B wrote to any file of run `run_id` under
+    `wandb_dir` (offline and online runs alike keep this file), -1 if none."""
+    steps = [-1]
+    for path in Path(wandb_dir).glob(f"*/run-{run_id}.wandb"):
+        try:
+            steps += [row.get("_step", -1) for row in read_run(path).history]
+        except UserError:  # killed before its header was written: nothing in it
+            pass
+    return max(steps)
+
+
 def read_records(path: str | Path) -> Iterator[bytes]:
     """The payload of each record in a .wandb file, in order."""
     data = Path(path).read_bytes()
