@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and configs; submit nothing")
         p.set_defaults(func=func)
     p = sub.add_parser("status", help="state and logs of the jobs launched")
-    p.add_argument("--run-root", default="runs")
+    p.add_argument("--run-root", default=None, help="default: runs/ here or in a folder above, or the run root you are in")
     p.add_argument("--all", action="store_true", help="every launch, not only the latest")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("collect", help="metrics of artifact dirs as tables and a Pareto plot")

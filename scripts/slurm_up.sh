@@ -12,13 +12,13 @@
 #
 # Environment overrides (all optional):
 #   SLURM_UP_WAIT          seconds to wait for the node to become usable (default 60)
-#   SLURM_UP_MIN_JOB_AGE   seconds a finished job stays visible to squeue/scontrol (default 60)
+#   SLURM_UP_MIN_JOB_AGE   seconds a finished job stays visible to squeue/scontrol (default 10)
 #   SLURM_UP_MEM_MARGIN_MB memory kept back from Slurm (default: max(512, 5% of MemTotal))
 set -euo pipefail
 
 PARTITION=debug
 WAIT_S=${SLURM_UP_WAIT:-60}
-MIN_JOB_AGE=${SLURM_UP_MIN_JOB_AGE:-60}
+MIN_JOB_AGE=${SLURM_UP_MIN_JOB_AGE:-10}
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
 LOG_DIR=/var/log/slurm

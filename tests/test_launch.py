@@ -439,7 +439,7 @@ def test_stage_job_is_checkpointable_and_pickles():
 def test_status_falls_back_to_submitit_files_when_slurm_forgot_the_job(tmp_path):
     root, folder = tmp_path / "runs", tmp_path / "runs/submitit"
     folder.mkdir(parents=True)
-    ids = ["990001", "990002", "990003", "990004"]  # never known to this cluster
+    ids = ["990001", "990002", "990003", "990004", "990005"]  # never known to this cluster
     with open(folder / f"{ids[0]}_0_result.pkl", "wb") as f:
         pickle.dump(("success", "runs/byol/a"), f)
     with open(folder / f"{ids[1]}_0_result.pkl", "wb") as f:
@@ -447,18 +447,65 @@ def test_status_falls_back_to_submitit_files_when_slurm_forgot_the_job(tmp_path)
     done = root / "byol/d"
     done.mkdir(parents=True)
     (done / "metrics.json").write_text("{}")
+    (folder / f"{ids[4]}_0_log.err").write_text("training...\n")  # it ran, then was killed
     record = status.new_record(root, "sweep", "s")
-    jobs_ = [{"job_id": j, "stage": "byol", "name": n, "run_dir": str(root / "byol" / n)}
-             for j, n in zip(ids, "abcd")]
+    jobs_ = [{"job_id": j, "stage": "byol", "name": n, "run_dir": str(root / "byol" / n),
+              "stdout": str(folder / f"{j}_0_log.out"), "stderr": str(folder / f"{j}_0_log.err")}
+             for j, n in zip(ids, "abcde")]
     status.write_manifest(record, {"kind": "sweep", "name": "s", "cluster": "slurm", "folder": str(folder),
                                    "created": 1.0, "jobs": jobs_})
     states = [status.job_state(j, "slurm", str(folder)) for j in jobs_]
     assert states[0] == ("COMPLETED", "")
     assert states[1] == ("FAILED", "core.errors.UserError: data folder not found")
-    assert states[2][0] == "UNKNOWN" and "cancelled or killed" in states[2][1]
+    assert states[2] == ("CANCELLED", "never ran: cancelled before it started (it left no log)")
     assert states[3][0] == "COMPLETED"  # artifact finished, job records purged
+    assert states[4][0] == "UNKNOWN" and "killed while running" in states[4][1]
     text = "\n".join(status.status_lines(root))
     assert "990002" in text and "FAILED" in text
+
+
+def test_status_names_the_failed_stage_a_job_never_ran_for(tmp_path):
+    """A chain a -> b -> c whose first job failed: b and c never ran (no log, no run folder);
+    status says which job failed and where its log is, and prints no path that does not exist.
+    What scontrol said while it knew (seen.json) outlives Slurm's memory."""
+    root, folder = tmp_path / "runs", tmp_path / "runs/submitit"
+    folder.mkdir(parents=True)
+    ids = ["990011", "990012", "990013"]
+    with open(folder / f"{ids[0]}_0_result.pkl", "wb") as f:
+        pickle.dump(("error", "Traceback ...\ncore.errors.UserError: data folder not found"), f)
+    (folder / f"{ids[0]}_0_log.err").write_text("Traceback ...\n")
+    (folder / f"{ids[0]}_0_log.out").write_text("submitit ...\n")
+    (root / "byol/a").mkdir(parents=True)
+    record = status.new_record(root, "pipeline", "p")
+    jobs_ = [{"job_id": j, "stage": st, "name": "a", "run_dir": str(root / st / "a"), "after": after,
+              "stdout": str(folder / f"{j}_0_log.out"), "stderr": str(folder / f"{j}_0_log.err")}
+             for j, st, after in zip(ids, ("byol", "distill", "prune"), ([], [ids[0]], [ids[1]]))]
+    status.write_manifest(record, {"kind": "pipeline", "name": "p", "cluster": "slurm", "folder": str(folder),
+                                   "created": 1.0, "jobs": jobs_})
+    (record / "seen.json").write_text(json.dumps({ids[1]: ["CANCELLED", "DependencyNeverSatisfied"]}))
+    lines = status.status_lines(root)
+    text = "\n".join(lines)
+    why = f"never ran: byol a (job {ids[0]}) failed; its log: {folder / (ids[0] + '_0_log.err')}"
+    assert sum(why in ln and "CANCELLED" in ln for ln in lines) == 2, text  # distill and prune
+    printed = [w for ln in lines for w in ln.replace("[", " ").replace("]", " ").replace(";", " ").split()
+               if w.startswith("/")]
+    assert printed and all(Path(w).exists() for w in printed), text
+    assert "(no run folder yet)" in text
+
+
+def test_status_finds_the_run_root_from_where_it_is_called(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    record = status.new_record(root, "submit", "x")
+    status.write_manifest(record, {"kind": "submit", "name": "x", "cluster": "local", "folder": str(root),
+                                   "created": 1.0, "jobs": []})
+    for where in (tmp_path, root, root / "launch", record):  # the project folder, the run root, inside it
+        monkeypatch.chdir(where)
+        assert status.status_lines()[0].startswith("submit x (local"), where
+    monkeypatch.chdir(tmp_path.parent)
+    [line] = status.status_lines()
+    assert f"no launches found in {tmp_path.parent}" in line and "--run-root DIR" in line
+    [line] = status.status_lines(tmp_path / "elsewhere")
+    assert f"no launches under {tmp_path / 'elsewhere' / 'launch'}" in line and "--run-root DIR" in line
 
 
 # ----------------------------------------------------------------------------- collect

@@ -269,6 +269,25 @@ def test_pipeline_runs_in_order_and_a_failed_stage_cancels_its_dependents(tmp_pa
     lines = status.status_lines(good_root)
     assert any("collect" in ln and "COMPLETED" in ln and str(Path(good["collect"]["out"]) / "results.md") in ln
                for ln in lines), lines
+
+    # Once Slurm has forgotten the failed pipeline's jobs (MinJobAge), status still says why
+    # probe never ran, names the stage that failed and its log, and prints no missing path.
+    status.status_lines(bad_root)  # what scontrol says now is kept in the launch's seen.json
+    ids = [j["job_id"] for j in bad["jobs"]] + [bad["collect"]["job_id"]]
+    deadline = time.time() + 200
+    while any(status.scontrol_state(i) for i in ids) and time.time() < deadline:
+        time.sleep(2)
+    assert not any(status.scontrol_state(i) for i in ids), "Slurm still knows the jobs (MinJobAge too long?)"
+    lines = status.status_lines(bad_root)
+    text = "\n".join(lines)
+    failed_log = Path(byol_job["stderr"])
+    assert any("FAILED" in ln and "byol" in ln for ln in lines), text
+    assert any("CANCELLED" in ln and "probe" in ln and f"never ran: byol tiny (job {byol_job['job_id']}) failed; "
+               f"its log: {failed_log}" in ln for ln in lines), text
+    assert "data folder" in failed_log.read_text() or "missing" in failed_log.read_text()
+    printed = [w for ln in lines for w in ln.replace("[", " ").replace("]", " ").replace(";", " ").split()
+               if w.startswith("/")]
+    assert printed and all(Path(w).exists() for w in printed), text
     byol_dir, probe_dir = (Path(j["run_dir"]) for j in good["jobs"])
     # probe read byol's finished artifact: it started after byol wrote its last file
     assert (probe_dir / "config.yaml").stat().st_mtime >= (byol_dir / "metrics.json").stat().st_mtime
