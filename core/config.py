@@ -136,6 +136,9 @@ class StageConfig:
     name: str = "default"
     run_root: str = "runs"
     seed: int = 0
+    # A run folder holds one config (core/rundir.py): rerunning it with another is refused unless
+    overwrite: bool = False  # true: delete the folder's previous run and start afresh
+    resume: str = choice("auto", "auto", "force")  # force: continue its checkpoint under this config
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -47,6 +47,7 @@ import torch.nn as nn
 from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
+from core import rundir
 from core.config import to_dict, to_yaml
 from core.errors import UserError
 from core.evaluate import evaluate_backbone
@@ -96,13 +97,18 @@ class Run:
         self.cfg, self.stage = cfg, stage
         self.name = name or cfg.name
         self.dir = ckpt.artifact_dir(cfg.run_root, stage, self.name)
-        self.done = (self.dir / "model.pt").is_file() and (self.dir / "metrics.json").is_file()
+        finished = (self.dir / "model.pt").is_file() and (self.dir / "metrics.json").is_file()
+        # The folder's config against this one (core/rundir.py): refused here, before any work, if
+        # they differ, unless overwrite=true (start afresh) or resume=force (continue under this one).
+        self.mode = rundir.check_config(self.dir, cfg, stage, finished)
+        self.done = finished and self.mode == "same"
         if self.done:
-            log_line(f"{stage}: {self.dir} is already finished; nothing to do")
+            log_line(f"{stage}: {self.dir} is already finished with this config; nothing to do")
         path = self.dir / "checkpoint.pt"
         # The resumable state, when a previous job left one (read before the networks are
         # built: pruned widths and the QAT activation range come from it).
-        self.state: Optional[dict] = ckpt.safe_load(path) if path.is_file() and not self.done else None
+        self.state: Optional[dict] = (ckpt.safe_load(path) if path.is_file() and not self.done
+                                      and self.mode != "overwrite" else None)
         self.step = self.state["step"] if self.state else 0
         self.history: List[dict] = list(self.state["history"]) if self.state else []
         self.extra: Dict[str, object] = {}  # plain data every checkpoint carries (prune's spec, ...)
@@ -133,6 +139,8 @@ class Run:
                 raise UserError(f"bad value for '{key}': {value}; expected {expected}")
         self.device = engine.resolve_device(cfg.engine)
         self.dist = engine.init_distributed(self.device)
+        if self.dist.is_main:  # a second writer stops here, before any work
+            self.claim()
         # One seed on every rank: identical initial weights everywhere (DDP broadcasts only the
         # module it wraps); per-rank randomness comes from the views' (seed, rank, step).
         engine.seed_everything(cfg.seed, cfg.engine.deterministic)
@@ -159,6 +167,20 @@ class Run:
         self.tracker = Tracker(cfg.track, self.dir, f"{self.stage}/{self.name}", to_dict(cfg),
                                self.state["wandb_id"] if self.state else None, enabled=self.dist.is_main,
                                rows=self.state.get("wandb_rows", []) if self.state else ())
+
+    def claim(self) -> None:
+        """Before the first write: this process's lock on the folder (a second writer fails at once),
+        then what overwrite=true or resume=force asked for."""
+        rundir.hold(self.dir)
+        if self.mode == "overwrite":
+            gone = rundir.clear(self.dir)
+            log_line(f"{self.stage}: overwrite=true: deleted the previous run in {self.dir} ({', '.join(gone)})")
+        elif self.mode == "force":
+            diffs = rundir.describe(rundir.differences(self.dir, self.cfg))
+            kept = rundir.keep_old_config(self.dir)
+            ckpt.atomic_write_text(self.dir / "config.yaml", to_yaml(self.cfg))
+            log_line(f"{self.stage}: resume=force: continuing {self.dir} at step {self.step} under this config "
+                     f"({diffs}); the old one is kept as {kept.name}")
 
     def reload(self) -> dict:
         """Every rank reads checkpoint.pt as rank 0 just wrote it (a stage's step-0 or phase-start
@@ -459,6 +481,7 @@ class Run:
         if self.step >= end and not (0 < max_steps <= self.step < self.total_steps):
             return False
         self.tracker.finish()
+        rundir.release(self.dir)
         log_line(f"{self.stage}: stopped at step {self.step}/{self.total_steps} (train.max_steps); rerun to continue")
         return True
 
@@ -489,5 +512,6 @@ class Run:
                             (("knn_top1", "kNN top-1"), ("probe_top1", "probe top-1")) if metrics.get(key) is not None)
             log_line(f"{self.stage}: done -> {self.dir}{shown}{summary}")
         self.tracker.finish()
+        rundir.release(self.dir)
         engine.barrier(self.dist)
         return self.dir

@@ -56,6 +56,7 @@ from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
 from core import int8
+from core import rundir
 from core.cpu import cpu_facts, describe
 from core.augment import AugmentConfig, eval_view, one_view, supervised_aug
 from core.config import StageConfig, TrainConfig, choice, to_dict, to_yaml
@@ -169,14 +170,15 @@ def initial_head(backbone: nn.Module, labelled: datalib.ImageSet, splits, cfg: C
 # ----------------------------------------------------------------------------- int8: evaluated as exported
 
 
-def evaluate_int8(cfg: Config, art: ckpt.Artifact, package: Path, splits, run_dir: Path) -> Path:
+def evaluate_int8(cfg: Config, art: ckpt.Artifact, package: Path, splits, r: Run) -> Path:
     """Val top-1/top-5 of the shipped int8 file, with the preprocessing stored in it; no training."""
     model = int8.PackagedModel(package)
     int8.preprocessing(model, splits)  # a class-count mismatch stops here, before anything is written
     if cfg.labels_fraction != 1.0:
         log_line(f"finetune: note: {package.name} is int8 and cannot be fine-tuned; "
                  f"labels_fraction={cfg.labels_fraction} does not apply")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = r.dir
+    r.claim()  # the folder's lock, and what overwrite/resume=force asked for
     ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{run_dir.name}", to_dict(cfg))
 
@@ -194,6 +196,7 @@ def evaluate_int8(cfg: Config, art: ckpt.Artifact, package: Path, splits, run_di
     write_metrics(run_dir, metrics, tracker)
     log_line(f"finetune: {cfg.artifact} is int8: evaluated as exported, top-1 {metrics['finetune_top1']:.4f}"
              f"  top-5 {metrics['finetune_top5']:.4f} on {describe(metrics['cpu'])} -> {run_dir}")
+    rundir.release(run_dir)
     return run_dir
 
 
@@ -205,22 +208,15 @@ def run(cfg: Config) -> Path:
     check_config(cfg)
     source = Path(cfg.artifact)
     name = run_name(cfg)
-    done = ckpt.read_metrics(ckpt.artifact_dir(cfg.run_root, STAGE, name))
-    if done and (done.get("source"), done.get("labels_fraction")) != (cfg.artifact, cfg.labels_fraction):
-        raise UserError(f"{cfg.run_root}/{STAGE}/{name} already holds a fine-tune of {done.get('source')} with "
-                        f"labels_fraction={done.get('labels_fraction')}; pick another name=")
-    r = Run(cfg, STAGE, name)
+    r = Run(cfg, STAGE, name)  # a folder holding a fine-tune of another source or fraction is refused here
     if r.done:
         return r.dir
-    if r.state is not None and (r.state["source"], r.state["labels_fraction"]) != (cfg.artifact, cfg.labels_fraction):
-        raise UserError(f"{r.dir}/checkpoint.pt is a fine-tune of {r.state['source']} with labels_fraction="
-                        f"{r.state['labels_fraction']}; pick another name= or remove it")
     art = ckpt.load_model(source, "artifact")
     package = int8.package_of(art, source)
     if package is not None:  # int8: evaluated as it ships, no training
         splits = datalib.load_splits(cfg.data)
         check_data(cfg, art, splits)
-        return evaluate_int8(cfg, art, package, splits, r.dir)
+        return evaluate_int8(cfg, art, package, splits, r)
 
     # ============ the labelled subset: a pure function of (training split, fraction, labels_seed) ============
     splits = datalib.load_splits(cfg.data)

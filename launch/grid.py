@@ -97,8 +97,12 @@ def variants_of(spec: dict, path: str) -> Dict[str, List[str]]:
         labels = shorts if len(set(shorts)) == len(shorts) else [k.replace(".", "_") for k in grid]
         out = {}
         for combo in itertools.product(*grid.values()):
-            name = "-".join(f"{label}{_value(v)}" for label, v in zip(labels, combo))
-            out[re.sub(r"[^A-Za-z0-9_.+-]", "_", name)] = [f"{k}={_value(v)}" for k, v in zip(grid, combo)]
+            name = re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(f"{label}{_value(v)}" for label, v in zip(labels, combo)))
+            overrides = [f"{k}={_value(v)}" for k, v in zip(grid, combo)]
+            if name in out and out[name] != overrides:  # e.g. values a/b and a_b
+                raise UserError(f"{path}: grid values {' '.join(out[name])} and {' '.join(overrides)} both name "
+                                f"the variant '{name}', so their runs would share a folder; use `variants:` to name them")
+            out[name] = overrides
         return out
     variants = spec["variants"]
     if not isinstance(variants, dict) or not variants:

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import submitit
 
 from core import checkpoint as ckpt
+from core import rundir
 from core.config import LaunchConfig, load_config
 from core.errors import UserError
 
@@ -104,6 +105,25 @@ def check_inputs(stage: str, cfg: Any, produced: Sequence[Path] = ()) -> None:
         if not (path / inp.file).is_file():
             why = "does not exist" if not path.exists() else f"has no {inp.file} (not a finished artifact?)"
             raise UserError(f"{stage}.{inp.field}={value}: the input artifact {why}")
+
+
+def check_run_dirs(planned: Sequence["Planned"]) -> None:
+    """Before anything is submitted: no two runs of the plan share a folder, and no planned run's
+    folder holds another config (core/rundir.py) unless that run says overwrite=true or resume=force."""
+    owners: Dict[Path, str] = {}
+    for p in planned:
+        label = f"{p.stage} {p.variant or p.cfg.name}"
+        key = p.run_dir.absolute()
+        if key in owners:
+            raise UserError(f"two runs of the plan would share {p.run_dir}: {owners[key]} and {label}; "
+                            f"give them different names (a sweep's variants are named from their values)")
+        owners[key] = label
+    conflicts = [f"{p.run_dir} ({rundir.describe(diffs, 2)})" for p in planned
+                 if not (p.cfg.overwrite or p.cfg.resume == "force") and (diffs := rundir.differences(p.run_dir, p.cfg))]
+    if conflicts:
+        raise UserError(f"{len(conflicts)} planned run folder(s) hold another config: {'; '.join(conflicts)}; use "
+                        f"name=NEW for new runs, overwrite=true to start them afresh, or resume=force to continue "
+                        f"them under this config")
 
 
 # ----------------------------------------------------------------------------- the job

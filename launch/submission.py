@@ -17,7 +17,7 @@ from core.config import to_yaml
 from core.errors import UserError
 from launch import status
 from launch.pipeline import stage_budget_min
-from launch.jobs import (CollectJob, Planned, StageJob, check_slurm, collect_parameters, launch_settings,
+from launch.jobs import (CollectJob, Planned, StageJob, check_run_dirs, check_slurm, collect_parameters, launch_settings,
                          make_executor, sbatch_script, slurm_parameters, submitit_folder, wait_local)
 
 
@@ -80,6 +80,7 @@ def launch(kind: str, name: str, planned: List[Planned], *, array: bool = False,
     if not planned:
         raise UserError("nothing to launch")
     array_name = f"{kind}-{name}"  # squeue shows the sweep, not its first task
+    check_run_dirs(planned)
     preflight(planned, array, dry_run, array_name)
     if dry_run:
         describe(planned, array, say, array_name)

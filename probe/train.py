@@ -18,6 +18,7 @@ from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
 from core import int8
+from core import rundir
 from core.config import StageConfig, to_dict, to_yaml
 from core.errors import UserError
 from core.evaluate import evaluate_backbone
@@ -41,6 +42,8 @@ def run(cfg: Config) -> Path:
     source = Path(cfg.artifact)
     name = cfg.name if cfg.name != "default" else "-".join(source.parts[-2:])
     run_dir = ckpt.artifact_dir(cfg.run_root, STAGE, name)
+    # A probe is cheap: an equal config is evaluated again; another one is refused (core/rundir.py).
+    mode = rundir.check_config(run_dir, cfg, STAGE, finished=False)
     art = ckpt.load_model(source, "artifact")  # fails before any work if absent or broken
 
     device = engine.resolve_device(cfg.engine)
@@ -48,7 +51,11 @@ def run(cfg: Config) -> Path:
     splits = datalib.load_splits(cfg.data)
     if art.meta.get("num_classes") not in (None, splits.num_classes) and art.meta.get("data") != cfg.data.name:
         log_line(f"probe: note: {source} was trained on {art.meta.get('data')}, probing on {cfg.data.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.hold(run_dir)  # one writer
+    if mode == "overwrite":
+        rundir.clear(run_dir)
+    elif mode == "force":
+        rundir.keep_old_config(run_dir)
     ckpt.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     tracker = Tracker(cfg.track, run_dir, f"{STAGE}/{name}", to_dict(cfg))
 
@@ -69,4 +76,5 @@ def run(cfg: Config) -> Path:
     write_metrics(run_dir, metrics, tracker)
     log_line(f"probe: {source}: kNN top-1 {metrics['knn_top1']:.4f}  probe top-1 {metrics['probe_top1']:.4f}"
              f"  top-5 {metrics['probe_top5']:.4f} -> {run_dir}")
+    rundir.release(run_dir)
     return run_dir

@@ -135,7 +135,7 @@ def test_bad_inputs_stop_before_any_work(tmp_path, pruned_artifact):
 def test_a_run_dir_of_another_fine_tune_is_not_continued(tmp_path, pruned_artifact):
     root = tmp_path / "runs"
     run(cfg_of(f"run_root={root}", "name=x", f"artifact={pruned_artifact}", "train.max_steps=1"))
-    with pytest.raises(UserError, match="pick another name"):
+    with pytest.raises(UserError, match=r"holds an unfinished run of another config \(labels_fraction: 0.5 -> 0.2\)"):
         run(cfg_of(f"run_root={root}", "name=x", f"artifact={pruned_artifact}", "labels_fraction=0.2"))
 
 

@@ -8,6 +8,7 @@ Each stage keeps its own exact-resume integration test (test_byol, test_distill,
 
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -38,8 +39,9 @@ def config(run_root, *overrides):
         "engine.device=cpu", "engine.progress=false", "track.mode=disabled", f"run_root={run_root}", *overrides])
 
 
-def tiny_stage(cfg, poison_at=None, signal_at=None):
-    """A whole stage on core.loop: what a new stage's train.py looks like, minus its own parts."""
+def tiny_stage(cfg, poison_at=None, signal_at=None, pause_s=0.0):
+    """A whole stage on core.loop: what a new stage's train.py looks like, minus its own parts.
+    pause_s: a sleep in every step, to keep a job running while a test does something to it."""
     r = Run(cfg, "tiny")
     if r.done:
         return r.dir
@@ -54,6 +56,7 @@ def tiny_stage(cfg, poison_at=None, signal_at=None):
             loss = loss * float("nan")
         if s.index == signal_at:
             os.kill(os.getpid(), signal_at_signal)
+        time.sleep(pause_s)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

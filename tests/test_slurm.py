@@ -208,6 +208,8 @@ def test_requeue_and_usr2_resume_from_checkpoint_to_identical_weights(reference_
         job = manifest["jobs"][0]
         text = log(job)
         assert "resumed" in text and "at step" in text, text[-3000:]  # it did restart mid-run
+        # The restarted job took the run folder's lock: its first start's holder died with it.
+        assert f"(Slurm job {job['job_id']}, restart 1)" in (Path(job["run_dir"]) / ".lock").read_text()
         got = backbone_weights(job["run_dir"])
         assert got.keys() == reference.keys()
         assert all(torch.equal(got[k], reference[k]) for k in reference), f"{job['run_dir']} differs"
