@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -31,22 +33,52 @@ def artifact_dir(run_root: str, stage: str, name: str) -> Path:
     return Path(run_root) / stage / name
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Signals that would stop the process in the middle of a write: held back until the file is
+# renamed into place (a local job's time limit sent SIGINT seconds after the USR2 that started
+# the checkpoint), then raised again. Python handlers, not a thread mask: any of torch's threads
+# may be the one the kernel hands a process signal to.
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+class _SignalsHeld:
+    def __enter__(self):
+        self.received, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in HELD_SIGNALS:
+                self.previous[sig] = signal.signal(sig, lambda signum, frame: self.received.append(signum))
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in self.received:
+            signal.raise_signal(signum)
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with _SignalsHeld():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; colleagues on a cluster read runs
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
 
 def remove_interrupted_writes(directory: Path, also: Sequence[str] = ()) -> List[str]:

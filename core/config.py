@@ -43,7 +43,7 @@ class DataConfig:
     # imagefolder: True decodes every image once (resized to image_size) into a cached uint8
     # tensor, right for small images; False streams JPEG bytes for ImageNet-sized data.
     in_memory: bool = True
-    cache_dir: str = ""  # where decoded uint8 tensors are cached; "" = <root>/.byolc-cache
+    cache_dir: str = ""  # where decoded uint8 tensors are cached; "" = $XDG_CACHE_HOME/byolc or ~/.cache/byolc
     num_workers: int = 4  # only for the streaming (in_memory=False) path
     synthetic_size: int = 512  # synthetic: number of train+val images
     synthetic_classes: int = 10
@@ -121,7 +121,7 @@ class LaunchConfig:
     gpus_per_node: int = 0
     cpus_per_task: int = 2
     mem_gb: int = 8
-    timeout_min: int = 60
+    timeout_min: int = 0  # 0: no limit for a local run, 60 min on Slurm
     # This stage's share of `python -m launch pipeline FILE budget_min=N` (the shares of a
     # pipeline's stages sum to 1); it becomes the stage's train.budget_min (launch/pipeline.py).
     budget_share: float = 0.0
@@ -168,13 +168,23 @@ def parse_overrides(overrides: List[str]) -> Any:
 
 
 def read_yaml(path: str | Path) -> Any:
+    """A config file's mapping; every way it can be wrong is one line naming the file (and the
+    line and column of a YAML error)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        return OmegaConf.load(path)
+        raw = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and friends
-        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"cannot parse {path}{where}: {problem}") from None
+    if not isinstance(raw, DictConfig):
+        raise UserError(f"{path}: the top level must be a mapping (key: value lines), not a {type(raw).__name__[:-6].lower()}")
+    if not raw:
+        raise UserError(f"{path} is empty: a config file holds at least one key (see configs/)")
+    return raw
 
 
 def stage_layers(raw: Any, stage: str | None, path: Any = "", section: str | None = None) -> List[Any]:
@@ -229,7 +239,36 @@ def load_config(schema: Type[T], path: str | Path | None = None, overrides: List
     except OmegaConfBaseException as e:  # e.g. a mandatory (???) value left unset
         raise UserError(f"bad config value for '{getattr(e, 'full_key', '')}': {str(e).splitlines()[0]}") from None
     check_choices(cfg)
+    check_numbers(cfg)
     return cfg
+
+
+# (key, test, what it must be): numbers every stage reads, checked before any work
+NUMBERS = (
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.lr", lambda v: v >= 0, ">= 0"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("train.budget_min", lambda v: v >= 0, ">= 0 (0: no time budget)"),
+    ("train.max_steps", lambda v: v >= 0, ">= 0 (0: no limit)"),
+    ("train.checkpoint_every_steps", lambda v: v >= 0, ">= 0 (0: every epoch)"),
+    ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
+    ("data.image_size", lambda v: v >= 8, ">= 8"),
+    ("eval.knn_k", lambda v: v >= 1, ">= 1"),
+    ("eval.knn_every_epochs", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("eval.probe_epochs", lambda v: v >= 1, ">= 1"),
+    ("launch.timeout_min", lambda v: v >= 0, ">= 0 (0: none locally, 60 on Slurm)"),
+)
+
+
+def check_numbers(cfg: Any) -> None:
+    for key, ok, expected in NUMBERS:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, (int, float)) and not isinstance(node, bool) and not ok(node):
+            raise UserError(f"bad value for '{key}': {node}; expected {expected}")
 
 
 def check_choices(cfg: Any, prefix: str = "") -> None:
@@ -281,6 +320,8 @@ def _unknown_key_message(schema: Any, key: str) -> str:
 
 def _bad_value_message(schema: Any, e: ValidationError) -> str:
     key = e.full_key or ""
+    if "Incompatible value 'None'" in str(e.msg):  # `key=` with nothing after it
+        return f"'{key}' is empty; give it a value ({key}=...)"
     expected = ""
     parent = _schema_at(schema, key) if key else None
     if parent is not None:

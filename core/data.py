@@ -168,12 +168,18 @@ def scan_image_folder(root: Path) -> Tuple[list, list, list]:
     return paths, labels, classes
 
 
+def default_cache_dir() -> Path:
+    """The user's cache folder ($XDG_CACHE_HOME/byolc, else ~/.cache/byolc), not the dataset's:
+    cluster datasets are often read-only or shared. Entries are keyed by the dataset's path."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "byolc"
+
+
 def load_image_folder_in_memory(cfg: DataConfig) -> ImageSet:
     """Decode every image once (resized to image_size), cache the uint8 tensor on disk."""
     root = Path(cfg.root)
     paths, labels, classes = scan_image_folder(root)
     key = hashlib.sha1(f"{root.resolve()}|{len(paths)}|{paths[-1].name}|{cfg.image_size}".encode()).hexdigest()[:12]
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else root / ".byolc-cache"
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     cache = cache_dir / f"images-{cfg.image_size}px-{key}.pt"
     if cache.is_file():
         try:

@@ -28,7 +28,14 @@ TOP1_TOLERANCE = 0.005
 
 
 class PackagedModel(nn.Module):
-    """A loaded `.pt2` package as a module (so latency and evaluation code can call it)."""
+    """A loaded `.pt2` package as a module (so latency and evaluation code can call it).
+
+    It refuses an input the package was not built for (AOTInductor runs any buffer it is given:
+    a 1-channel or 32px batch into a 3x16x16 package returned logits, reading past the input):
+    float32 [N, 3, S, S] with S the package's image_size. (AOTInductor's own check,
+    AOTI_RUNTIME_CHECK_INPUTS=1, is no substitute: with torch 2.14 it refused batch 1, under the
+    export's lower bound of 2, and with that bound's check off, a batch of 24: "expected <= 15".)
+    """
 
     def __init__(self, path: Path):
         super().__init__()
@@ -37,9 +44,21 @@ class PackagedModel(nn.Module):
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as e:
             raise UserError(f"cannot load the int8 package {path}: {str(e).splitlines()[0][:160]}") from None
+        size = self.metadata().get("image_size")
+        self.image_size = int(size) if size else None
 
     def forward(self, x):
-        return self.runner(x)
+        return self.runner(self.checked(x))
+
+    def checked(self, x) -> torch.Tensor:
+        size = self.image_size
+        ok = (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.dim() == 4 and x.shape[0] >= 1
+              and x.shape[1] == 3 and (size is None or tuple(x.shape[2:]) == (size, size)))
+        if not ok:
+            got = f"{str(x.dtype).replace('torch.', '')} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise UserError(f"{self.path.name} takes float32 images [N, 3, {size or 'S'}, {size or 'S'}] "
+                            f"(normalised with its metadata's mean and std); got {got}")
+        return x.contiguous()  # the package's kernels assume its export's (contiguous) strides
 
     def metadata(self) -> Dict[str, str]:
         return dict(self.runner.get_metadata())

@@ -48,7 +48,7 @@ from core import checkpoint as ckpt
 from core import data as datalib
 from core import engine
 from core import rundir
-from core.config import to_dict, to_yaml
+from core.config import check_numbers, to_dict, to_yaml
 from core.errors import UserError
 from core.evaluate import evaluate_backbone
 from core.optim import warmup_cosine
@@ -130,13 +130,7 @@ class Run:
         train: the training set when it is not the split's (finetune's labelled subset).
         """
         cfg = self.cfg
-        for key, value, ok, expected in (
-                ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 0, ">= 0"),
-                ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, ">= 1"),
-                ("train.budget_min", cfg.train.budget_min, cfg.train.budget_min >= 0, ">= 0 (0: no time budget)"),
-                ("train.max_steps", cfg.train.max_steps, cfg.train.max_steps >= 0, ">= 0 (0: no limit)")):
-            if not ok:
-                raise UserError(f"bad value for '{key}': {value}; expected {expected}")
+        check_numbers(cfg)  # as load_config does: for configs built in code too
         self.device = engine.resolve_device(cfg.engine)
         self.dist = engine.init_distributed(self.device)
         if self.dist.is_main:  # a second writer stops here, before any work

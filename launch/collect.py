@@ -270,8 +270,8 @@ def collect(paths: Sequence[str | Path], out: Optional[str | Path] = None, cost:
         keep = {Path(p).resolve() for p in only}
         found = [d for d in found if d.resolve() in keep]
     rows = [read_run(d, sweeps) for d in found]
-    if out is None:
-        out = paths[0] / "collect" if not (paths[0] / "metrics.json").is_file() else Path("collect")
+    if out is None:  # <run_root>/collect, for a run root or one of its artifacts (<run_root>/<stage>/<name>)
+        out = (paths[0].parent.parent if (paths[0] / "metrics.json").is_file() else paths[0]) / "collect"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(rows)

@@ -184,7 +184,7 @@ def collect_parameters(launch: LaunchConfig, job_name: str, after: Sequence[str]
     """A small CPU job on the stages' partition, once every job in `after` has ended however
     it ended (a failed stage's table still shows the stages before it)."""
     small = replace(launch, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1,
-                    timeout_min=min(launch.timeout_min, 30))
+                    timeout_min=min(launch.timeout_min or 30, 30))
     return slurm_parameters(small, job_name, "afterany:" + ":".join(after))
 
 
@@ -243,7 +243,7 @@ def submitit_folder(cfg: Any) -> Path:
 def slurm_parameters(launch: LaunchConfig, job_name: str, dependency: str = "") -> Dict[str, Any]:
     """LaunchConfig -> submitit SlurmExecutor parameters (= #SBATCH lines)."""
     params: Dict[str, Any] = {
-        "job_name": job_name, "time": launch.timeout_min, "nodes": launch.nodes,
+        "job_name": job_name, "time": launch.timeout_min or SLURM_DEFAULT_MIN, "nodes": launch.nodes,
         "ntasks_per_node": launch.tasks_per_node, "cpus_per_task": launch.cpus_per_task,
         "array_parallelism": launch.array_parallelism,
     }
@@ -300,12 +300,18 @@ def check_slurm(launch: LaunchConfig, scripts: Sequence[str], dry_run: bool = Fa
 # ----------------------------------------------------------------------------- executors
 
 
+NO_LIMIT_MIN = 60 * 24 * 365  # launch.timeout_min=0 locally
+SLURM_DEFAULT_MIN = 60  # launch.timeout_min=0 on Slurm
+
+
 def make_executor(launch: LaunchConfig, folder: Path, params: Optional[Dict[str, Any]] = None):
     if launch.cluster == "debug":
         return submitit.DebugExecutor(folder)
     if launch.cluster == "local":
         ex = submitit.LocalExecutor(folder)
-        ex.update_parameters(timeout_min=launch.timeout_min, tasks_per_node=launch.tasks_per_node,
+        # No limit unless the user set one: submitit's local default (2 min; ours was Slurm's 60)
+        # stopped a slow machine's quickstart mid-stage.
+        ex.update_parameters(timeout_min=launch.timeout_min or NO_LIMIT_MIN, tasks_per_node=launch.tasks_per_node,
                              gpus_per_node=launch.gpus_per_node)
         return ex
     ex = submitit.SlurmExecutor(folder)

@@ -137,7 +137,7 @@ def _submit_slurm(planned, configs, folder, array, manifest, say, array_name: st
         entry.update(job_id=str(job.job_id), state="SUBMITTED", stdout=str(job.paths.stdout),
                      stderr=str(job.paths.stderr), after=[str(jobs[i].job_id) for i in p.after])
         waits = f" after {','.join(entry['after'])}" if entry["after"] else ""
-        say(f"submitted {p.job_name}: job {job.job_id}{waits} -> {p.run_dir}\n  log: {job.paths.stdout}")
+        say(f"submitted {p.job_name}: job {job.job_id}{waits} -> {p.run_dir}\n  log: {job.paths.stderr}")
 
 
 def _submit_collect(planned, folder, manifest, say, job_name: str, out: Path) -> None:
@@ -171,7 +171,7 @@ def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, sa
         job = make_executor(p.cfg.launch, folder).submit(StageJob(p.stage, configs[i]))
         entry.update(job_id=str(job.job_id), state="RUNNING", stdout=str(job.paths.stdout),
                      stderr=str(job.paths.stderr))
-        where = "in this process" if p.cfg.launch.cluster == "debug" else f"log: {job.paths.stdout}"
+        where = "in this process" if p.cfg.launch.cluster == "debug" else f"log: {job.paths.stderr}"
         say(f"running {p.job_name} -> {p.run_dir}  ({where})")
         status.write_manifest(record, manifest)
         try:

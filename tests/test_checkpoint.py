@@ -71,3 +71,39 @@ def test_spec_rebuilds_narrower_channels():
 def test_missing_artifact_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="has no model.pt"):
         ckpt.load_model(tmp_path / "runs/byol/none", "teacher")
+
+
+def test_a_stop_signal_during_a_write_waits_for_the_file(tmp_path, monkeypatch):
+    """SIGINT arriving mid-write (a local job's time limit, seconds after the USR2 that started the
+    checkpoint) is delivered once the file is in place: never a half checkpoint, never a lost one."""
+    import os
+    import signal
+
+    path = tmp_path / "checkpoint.pt"
+    state = {"w": torch.arange(1000.0)}
+    save = torch.save
+
+    def signalled_mid_write(obj, f):
+        f.write(b"")  # the file is open, nothing in it yet
+        os.kill(os.getpid(), signal.SIGINT)
+        save(obj, f)
+
+    monkeypatch.setattr(ckpt.torch, "save", signalled_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save(state, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        ckpt.atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        ckpt.atomic_save({"x": 1}, tmp_path / "checkpoint.pt")
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}  # mkstemp alone: 0600

@@ -45,6 +45,34 @@ def test_bad_yaml_key_and_missing_file(tmp_path):
         load_config(Config, tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty: a config file holds at least one key"),
+    ("- train.lr: 0.1\n", "the top level must be a mapping (key: value lines), not a list"),
+    ("train:\n  lr: [0.1\n  epochs: 3\n", ":3:9: "),  # the YAML error's line and column
+])
+def test_a_bad_yaml_file_is_one_line_naming_it(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(Config, f)
+    assert message in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=-1", "bad value for 'train.epochs': -1; expected >= 1"),
+    ("train.epochs=0", "bad value for 'train.epochs': 0; expected >= 1"),  # not a finished, untrained artifact
+    ("train.batch_size=0", "bad value for 'train.batch_size': 0; expected >= 1"),
+    ("train.lr=-0.1", "bad value for 'train.lr': -0.1; expected >= 0"),
+    ("data.val_fraction=1.5", "bad value for 'data.val_fraction': 1.5; expected between 0 and 1"),
+    ("train.lr=", "'train.lr' is empty; give it a value (train.lr=...)"),
+    ("name=", "'name' is empty; give it a value (name=...)"),
+])
+def test_bad_numbers_and_empty_values_are_one_line_naming_the_key(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(Config, None, [override])
+    assert str(e.value) == message
+
+
 def test_cli_prints_one_line_and_no_traceback():
     res = run_cli(["-m", "byol", "configs/quickstart.yaml", "train.lrr=1"])
     assert res.returncode == 2

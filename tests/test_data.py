@@ -56,6 +56,19 @@ def test_image_folder_in_memory_decodes_caches_and_labels(tmp_path):
     assert torch.equal(again.train.images, s.train.images)
 
 
+def test_the_decode_cache_defaults_to_the_users_cache_not_the_dataset(tmp_path, monkeypatch):
+    root = tmp_path / "folder"
+    _write_folder(root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root.chmod(0o555)  # a read-only dataset, as clusters often share them
+    try:
+        datalib.load_splits(DataConfig(name="imagefolder", root=str(root), image_size=16, val_fraction=0.25))
+    finally:
+        root.chmod(0o755)
+    assert list((tmp_path / "xdg" / "byolc").glob("images-16px-*.pt"))
+    assert sorted(p.name for p in root.iterdir()) == ["cat", "dog"]  # nothing written beside the images
+
+
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_corrupt_image_is_named(tmp_path, in_memory):
     root = tmp_path / "folder"

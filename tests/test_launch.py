@@ -399,6 +399,7 @@ def test_local_executor_runs_a_job_in_a_subprocess(tiny_pipeline, tmp_path):
     assert job["state"] == "COMPLETED" and int(job["job_id"]) != os.getpid()
     assert (root / "probe/again/head.pt").is_file()
     assert "probe: " in Path(job["stderr"]).read_text()  # the stage's output is in the job's log
+    assert f"log: {job['stderr']}" in res.stdout  # and that is the log the launcher points at
 
 
 @pytest.mark.parametrize("args, message", [
@@ -696,3 +697,23 @@ def test_a_resumed_tracker_logs_again_the_rows_an_interrupted_writer_lost(tmp_pa
     assert [r["_step"] for r in rows] == list(range(1, 8))  # every step once, in order
     assert [{k: r[k] for k in row(1)} for r in rows] == [row(s) for s in range(1, 8)]
     assert [s for s, _ in second.rows] == list(range(1, 8))  # the next checkpoint keeps them all
+
+
+def test_a_local_run_has_no_time_limit_unless_the_user_sets_one(tmp_path):
+    """submitit's local executor stops a job at its timeout (SIGUSR2, then SIGINT): a slow machine's
+    quickstart was killed at 60 minutes. Locally, launch.timeout_min=0 (the default) is no limit."""
+    from core.config import LaunchConfig
+
+    default = jobs.make_executor(LaunchConfig(cluster="local"), tmp_path)
+    assert default.parameters["timeout_min"] >= 60 * 24 * 365
+    assert jobs.make_executor(LaunchConfig(cluster="local", timeout_min=5), tmp_path).parameters["timeout_min"] == 5
+    assert jobs.slurm_parameters(LaunchConfig(cluster="slurm"), "j")["time"] == 60  # Slurm's default stays
+    assert jobs.slurm_parameters(LaunchConfig(cluster="slurm", timeout_min=7), "j")["time"] == 7
+
+
+def test_collect_of_one_artifact_writes_under_its_run_root_not_the_working_dir(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    d = plant(root, "byol", "a", {"probe_top1": 0.5})
+    monkeypatch.chdir(tmp_path)
+    collect_mod.collect([d])
+    assert (root / "collect" / "results.md").is_file() and not (tmp_path / "collect").exists()

@@ -236,6 +236,24 @@ def test_package_loads_in_a_fresh_process_with_dynamic_batch(quant_run, from_che
     assert int(meta["num_classes"]) == 10 and int(meta["image_size"]) == SIZE and len(json.loads(meta["mean"])) == 3
 
 
+def test_the_package_refuses_inputs_it_was_not_built_for(quant_run):
+    """AOTInductor runs whatever buffer it is handed: a 1-channel or a 32px batch into a 3x16x16
+    package returned logits. PackagedModel refuses them with one line."""
+    package = quant_run / pt2e.PACKAGE_NAME
+    here = PackagedModel(package)
+    good = random_images(4, seed=3)
+    with torch.no_grad():
+        out = here(good)
+        assert out.shape == (4, 10) and here(good[:1]).shape == (1, 10)
+        torch.testing.assert_close(here(good.to(memory_format=torch.channels_last)), out)
+    bad = {"32px": torch.zeros(1, 3, 2 * SIZE, 2 * SIZE), "1 channel": torch.zeros(2, 1, SIZE, SIZE),
+           "no batch": torch.zeros(3, SIZE, SIZE), "float64": torch.zeros(2, 3, SIZE, SIZE, dtype=torch.float64),
+           "uint8": torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8)}
+    for what, x in bad.items():
+        with pytest.raises(UserError, match=rf"takes float32 images \[N, 3, {SIZE}, {SIZE}\].*got"):
+            here(x)
+
+
 AVX2_PATHS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # ATen's and oneDNN's AVX2 code
 
 
