@@ -17,6 +17,24 @@ from core.config import EngineConfig
 from core.errors import UserError
 
 
+def quiet_library_noise() -> None:
+    """Drop what torch and torchao print that is no concern of a user of this project, and that
+    every quant run printed, even one that ends in a config error: torchao's import-time
+    `KernelPreference ... deprecated`, torch's `No CUDA runtime is found` when it looks for a
+    compiler on a machine without CUDA, and a copy-construct UserWarning inside Inductor's oneDNN
+    lowering. Each filter matches that one message only."""
+    import logging
+    import warnings
+
+    if getattr(quiet_library_noise, "done", False):
+        return
+    quiet_library_noise.done = True
+    for logger, text in (("torch.utils._pytree", "KernelPreference"), ("torch.utils.cpp_extension", "No CUDA runtime")):
+        logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
+                            module=r"torch\._inductor\.mkldnn_lowerings")
+
+
 def resolve_device(cfg: EngineConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("engine.device=cuda but no CUDA device is visible; use engine.device=cpu")

@@ -18,8 +18,11 @@ import torch.nn as nn
 from core import checkpoint as ckpt
 from core.augment import eval_view
 from core.cpu import cpu_facts, describe
+from core.engine import quiet_library_noise
 from core.errors import UserError
 from core.evaluate import topk_accuracy
+
+quiet_library_noise()  # torchao's and torch's import-time warnings (core/engine.py)
 
 # A package re-measured on another CPU may differ from its record by this much top-1 before
 # `verify_against_record` warns: the int8 budget the project holds a quantised model to (0.5 point).

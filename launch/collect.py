@@ -30,6 +30,10 @@ from core.errors import UserError
 COLUMNS = ["run", "stage", "arch", "probe_top1", "probe_top5", "knn_top1", "finetune_top1", "params", "macs", "file_mb",
            "latency_ms_cpu_b1", "latency_ms_cpu_b32", "cka_teacher", "seconds_per_epoch"]
 METRICS = COLUMNS[3:]
+# Headers of the Markdown tables (the CSVs keep the metric names, for scripts)
+LABELS = {"probe_top1": "probe top-1", "probe_top5": "top-5", "knn_top1": "kNN top-1", "finetune_top1": "fine-tune top-1",
+          "params": "params", "macs": "MACs", "file_mb": "file MB", "latency_ms_cpu_b1": "CPU ms b1",
+          "latency_ms_cpu_b32": "CPU ms b32", "cka_teacher": "CKA", "seconds_per_epoch": "s/epoch"}
 ACCURACY = "probe_top1"
 COSTS = {"macs": ("macs", "MACs"), "latency": ("latency_ms_cpu_b1", "CPU latency, batch 1 (ms)"),
          "size": ("file_mb", "model file (MB)")}
@@ -176,16 +180,25 @@ def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def shown_metrics(rows: Sequence[dict], suffix: str = "") -> List[str]:
+    """The metric columns at least one row has (no column of dashes for a stage that did not run)."""
+    return [m for m in METRICS if any(r.get(m + suffix) not in (None, "") for r in rows)]
+
+
 def runs_table(rows: Sequence[dict]) -> str:
-    return markdown(COLUMNS, [[fmt(c, r.get(c)) if c in METRICS else r.get(c, "") for c in COLUMNS] for r in rows])
+    metrics = shown_metrics(rows)
+    columns = COLUMNS[:3] + metrics
+    return markdown([LABELS.get(c, c) for c in columns],
+                    [[fmt(c, r.get(c)) if c in METRICS else r.get(c, "") for c in columns] for r in rows])
 
 
 def groups_table(groups: Sequence[dict]) -> str:
-    headers = ["group", "stage", "arch", "n", *METRICS, f"{ACCURACY} vs best", "overrides"]
+    metrics = shown_metrics(groups, "_mean")
+    headers = ["group", "stage", "arch", "n", *(LABELS[m] for m in metrics), f"{LABELS[ACCURACY]} vs best", "overrides"]
     body = []
     for g in groups:
         cells = [g["group"], g["stage"], g["arch"], g["n"]]
-        for m in METRICS:
+        for m in metrics:
             mean, std = g[f"{m}_mean"], g[f"{m}_std"]
             cells.append(fmt(m, mean) if mean is None or g["n"] == 1 else f"{fmt(m, mean)} ± {fmt(m, std)}")
         cells += [g["vs_best"], g["overrides"] or ""]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from core import checkpoint as ckpt
+from core import rundir
 from core.config import to_yaml
 from core.errors import UserError
 from launch import status
@@ -150,6 +151,12 @@ def _submit_collect(planned, folder, manifest, say, job_name: str, out: Path) ->
     say(f"submitted {job_name}: job {job.job_id} after {','.join(after)} ends -> {out}/results.md")
 
 
+def finished_with_this_config(p: Planned) -> bool:
+    """The run's artifact is finished and its config.yaml equals this one (core/rundir.py)."""
+    return ((Path(p.run_dir) / "metrics.json").is_file() and (Path(p.run_dir) / "config.yaml").is_file()
+            and not p.cfg.overwrite and not rundir.differences(p.run_dir, p.cfg))
+
+
 def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, say, budget=None) -> None:
     failed: set = set()
     shares = [p.cfg.launch.budget_share for p in planned]
@@ -160,6 +167,10 @@ def _run_locally(planned, configs, folder, stop_on_failure, manifest, record, sa
             failed.add(i)
             entry.update(state="NOT_RUN", error=f"not run: {', '.join(blocked) or 'an earlier job'} failed")
             say(f"skipped {p.job_name}: {entry['error']}")
+            continue
+        if finished_with_this_config(p):  # no process to start, no imports to wait for
+            entry.update(state="COMPLETED", note="already finished with this config; nothing to do")
+            say(f"done {p.job_name}: {p.run_dir} is already finished with this config; nothing to do")
             continue
         if budget is not None and hasattr(p.cfg, "train") and not (Path(p.run_dir) / "metrics.json").is_file():
             total_min, started = budget  # this stage's share of what is left of the pipeline's budget

@@ -43,6 +43,9 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from core.errors import UserError
+from core.engine import quiet_library_noise
+
+quiet_library_noise()  # torchao's and torch's import-time warnings (core/engine.py)
 
 PACKAGE_NAME = "model_int8.pt2"
 

@@ -26,6 +26,7 @@ from core.int8 import PackagedModel
 from core.evaluate import knn_top1, topk_accuracy
 from core.models import backbone_from_spec, backbone_spec, build_backbone
 from quant import Config, run
+from tests.conftest import run_cli
 from quant import pt2e
 from quant.train import build_prepared
 
@@ -475,6 +476,15 @@ def test_cli_error_is_one_line(tmp_path, source_dir, capsys):
                                             "quant.backend=arm"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: bad value for 'quant.backend'")
+
+
+def test_a_quant_error_prints_its_one_line_and_nothing_else(tmp_path, source_dir):
+    """torchao's KernelPreference warning and torch's `No CUDA runtime is found` printed before
+    every quant message, even a config error's."""
+    res = run_cli(["-m", "quant", "configs/quickstart.yaml", f"source={source_dir}", "teacher=/nonexistent",
+                   f"run_root={tmp_path}", "engine.progress=false"])
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == ["error: teacher /nonexistent does not exist (teacher=...)"], res.stderr
 
 
 # ----------------------------------------------------------------------------- resume
