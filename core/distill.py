@@ -184,8 +184,8 @@ def load_teacher(teacher_dir: str, head_dir: str = "", need_head: bool = False) 
 def _load_probe_head(head_dir: Path, teacher_dir: Path, dim: int) -> nn.Linear:
     path = head_dir / "head.pt" if head_dir.is_dir() else head_dir
     if not path.is_file():
-        raise UserError(f"teacher_head {head_dir} has no head.pt (expected a probe artifact, "
-                        f"e.g. runs/probe/byol-NAME; '' uses the head in the teacher's model.pt)")
+        raise UserError(f"teacher_head {head_dir} has no head.pt (expected the folder a probe of the teacher "
+                        f"wrote, runs/probe/NAME; '' uses the head in the teacher's model.pt)")
     blob = ckpt.safe_load(path)
     head_state = blob.get("head") if isinstance(blob, dict) else None
     if not isinstance(head_state, dict) or "weight" not in head_state or "bias" not in head_state:

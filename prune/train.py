@@ -148,7 +148,7 @@ class SparsityConfig:
 class Config(StageConfig):
     student: str = ""  # artifact dir of the backbone to prune (runs/distill/N, or any with model.pt)
     teacher: str = ""  # artifact dir of the teacher (runs/byol/N); needed for recovery=distill
-    teacher_head: str = ""  # probe dir (runs/probe/byol-N) for kd; "" = the head in the teacher's model.pt
+    teacher_head: str = ""  # probe dir (runs/probe/NAME) for kd; "" = the head in the teacher's model.pt
     recovery: str = choice("distill", "distill", "ce")
     # For the first epochs only the new parts train (distillation projector / adapters / head)
     # and the pruned backbone stays frozen, in eval mode: a random projector's gradients would

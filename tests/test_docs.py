@@ -50,3 +50,35 @@ def test_every_gpu_sh_step_in_the_readme_is_one_gpu_sh_knows():
     assert {"draw", "draw-speed", "imagefolder224", "tests-gpu"} <= named  # the table's steps were read
     unknown = sorted(named - steps)
     assert not unknown, f"README names gpu.sh steps that gpu.sh does not have: {unknown}"
+
+
+def readme_commands(after: str):
+    """The command lines of the first ```bash block after the README line that contains `after`."""
+    start = README.index("```bash\n", README.index(after)) + len("```bash\n")
+    block = README[start:README.index("```", start)]
+    return [line.split(" #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+# What makes each command short here; the commands themselves are the README's.
+SHORT = {"byol": ["train.epochs=1"], "probe": ["eval.probe_epochs=5"], "distill": ["train.epochs=1"],
+         "prune": ["train.epochs=1"], "quant": ["train.epochs=1"]}
+
+
+def test_the_readme_stage_chain_runs_as_written(tmp_path):
+    """The compression stages' block, command by command, against a temporary run root at reduced
+    epochs: each artifact a command names is one an earlier command wrote (the block once named
+    runs/probe/byol-quickstart, a folder the probe never writes)."""
+    import shlex
+
+    from tests.conftest import run_cli
+
+    commands = readme_commands("Each takes the artifact directory of the stage before it")
+    stages = [shlex.split(c)[2] for c in commands]
+    assert stages == ["byol", "probe", "distill", "prune", "quant"], commands
+    runs = tmp_path / "runs"
+    for command, stage in zip(commands, stages):
+        args = [re.sub(r"=runs/", f"={runs}/", a) for a in shlex.split(command)[3:]]
+        res = run_cli(["-m", stage, *args, f"run_root={runs}", "engine.progress=false", "track.mode=disabled",
+                       *SHORT[stage]], timeout=900)
+        assert res.returncode == 0, f"{command}\n{res.stderr[-2000:]}"
+    assert (runs / "quant" / "quickstart" / "model_int8.pt2").is_file()
