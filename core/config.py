@@ -245,7 +245,6 @@ def load_config(schema: Type[T], path: str | Path | None = None, overrides: List
 
 # (key, test, what it must be): numbers every stage reads, checked before any work
 NUMBERS = (
-    ("train.epochs", lambda v: v >= 1, ">= 1"),
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
     ("train.lr", lambda v: v >= 0, ">= 0"),
     ("train.weight_decay", lambda v: v >= 0, ">= 0"),
@@ -253,7 +252,7 @@ NUMBERS = (
     ("train.budget_min", lambda v: v >= 0, ">= 0 (0: no time budget)"),
     ("train.max_steps", lambda v: v >= 0, ">= 0 (0: no limit)"),
     ("train.checkpoint_every_steps", lambda v: v >= 0, ">= 0 (0: every epoch)"),
-    ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, ">= 0 and < 1"),
     ("data.image_size", lambda v: v >= 8, ">= 8"),
     ("eval.knn_k", lambda v: v >= 1, ">= 1"),
     ("eval.knn_every_epochs", lambda v: v >= 0, ">= 0 (0: only at the end)"),
@@ -263,6 +262,11 @@ NUMBERS = (
 
 
 def check_numbers(cfg: Any) -> None:
+    # train.epochs=0 made a "finished" untrained artifact; prune alone means it (prune, no recovery)
+    least = getattr(cfg, "least_train_epochs", 1)
+    train = getattr(cfg, "train", None)
+    if train is not None and getattr(train, "epochs", least) < least:
+        raise UserError(f"bad value for 'train.epochs': {train.epochs}; expected >= {least}")
     for key, ok, expected in NUMBERS:
         node = cfg
         for part in key.split("."):

@@ -49,7 +49,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -146,6 +146,7 @@ class SparsityConfig:
 
 @dataclass
 class Config(StageConfig):
+    least_train_epochs: ClassVar[int] = 0  # train.epochs=0: prune (after any sparsity epochs), no recovery
     student: str = ""  # artifact dir of the backbone to prune (runs/distill/N, or any with model.pt)
     teacher: str = ""  # artifact dir of the teacher (runs/byol/N); needed for recovery=distill
     teacher_head: str = ""  # probe dir (runs/probe/NAME) for kd; "" = the head in the teacher's model.pt

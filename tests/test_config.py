@@ -63,7 +63,7 @@ def test_a_bad_yaml_file_is_one_line_naming_it(tmp_path, text, message):
     ("train.epochs=0", "bad value for 'train.epochs': 0; expected >= 1"),  # not a finished, untrained artifact
     ("train.batch_size=0", "bad value for 'train.batch_size': 0; expected >= 1"),
     ("train.lr=-0.1", "bad value for 'train.lr': -0.1; expected >= 0"),
-    ("data.val_fraction=1.5", "bad value for 'data.val_fraction': 1.5; expected between 0 and 1"),
+    ("data.val_fraction=1.5", "bad value for 'data.val_fraction': 1.5; expected >= 0 and < 1"),
     ("train.lr=", "'train.lr' is empty; give it a value (train.lr=...)"),
     ("name=", "'name' is empty; give it a value (name=...)"),
 ])
