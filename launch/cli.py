@@ -1,8 +1,9 @@
-"""`python -m launch {submit,pipeline,sweep,status,collect}`: the command line."""
+"""`python -m launch {submit,pipeline,sweep,status,collect,import,export}`: the command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -24,6 +25,10 @@ python -m launch sweep GRID [key=value ...] [--dry-run]            a grid of ove
                                                                    or a pipeline's steps x seeds
 python -m launch status [--run-root DIR] [--all]                   state and logs of launched jobs
 python -m launch collect [RUN_ROOT | DIR ...] [--out DIR] [--cost macs|latency|size]
+python -m launch import SRC name=N [format=auto] [part=auto|online|target] [run_root=runs] [overwrite=true]
+                                                                   a pretrained ResNet as runs/import/N
+python -m launch export ARTIFACT [format=torchvision|safetensors] [out=DIR]
+                                                                   its backbone in torchvision's layout
 
 Where jobs run is each config's `launch.cluster`: slurm, local (subprocesses, in order) or debug
 (in this process). Pipeline overrides: `key=value` for every stage, `stages.<stage>.key=value` for one.
@@ -105,6 +110,43 @@ def cmd_collect(a) -> int:
     return 0
 
 
+def key_values(args: List[str], allowed: Tuple[str, ...], command: str) -> dict:
+    out = {}
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq or key not in allowed:
+            raise UserError(f"{command}: unexpected argument {a!r}; it takes {', '.join(k + '=...' for k in allowed)}")
+        out[key] = value
+    return out
+
+
+def cmd_import(a) -> int:
+    from core import portable, rundir
+
+    opts = key_values(a.args, ("name", "format", "part", "run_root", "overwrite"), "import")
+    if not opts.get("name"):
+        raise UserError("import needs name=N (the artifact becomes <run_root>/import/N)")
+    run_dir = Path(opts.get("run_root", "runs")) / "import" / opts["name"]
+    old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else None
+    if old is not None and opts.get("overwrite", "false").lower() != "true":
+        raise UserError(f"{run_dir} already holds an import of {old.get('source')} (sha256 {old.get('sha256', '')[:12]}); "
+                        f"use another name= or overwrite=true")
+    rundir.hold(run_dir)
+    out, said = portable.import_backbone(Path(a.src), run_dir, opts["name"], opts.get("format", "auto"),
+                                         opts.get("part", "auto"))
+    print(f"import: {a.src}: {said} -> {out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from core import portable
+
+    opts = key_values(a.args, ("format", "out"), "export")
+    for path in portable.export_backbone(Path(a.artifact), opts.get("format", "torchvision"), opts.get("out")):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch", usage=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: <RUN_ROOT>/collect")
     p.add_argument("--cost", choices=sorted(COSTS), default="macs")
     p.set_defaults(func=cmd_collect)
+    p = sub.add_parser("import", help="a pretrained ResNet checkpoint as an artifact")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("args", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_import)
+    p = sub.add_parser("export", help="an artifact's backbone in torchvision's layout")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("args", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

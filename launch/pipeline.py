@@ -153,12 +153,24 @@ def stage_budget_min(left_s: float, shares: Sequence[float], index: int) -> floa
 def plan_pipeline(path: str | Path, overrides: Sequence[str] = (), name_suffix: str = "") -> Tuple[str, List[Planned]]:
     """Resolve every stage's config (nothing is submitted yet); returns (pipeline name, jobs).
 
-    name_suffix: appended to every run's name (a sweep's `-s<seed>`)."""
+    name_suffix: appended to every run's name (a sweep's `-s<seed>`). `skip=byol,probe` among the
+    overrides leaves those steps out: their inputs then come from the file or the command line
+    (`teacher=runs/import/r50`: a teacher you already have)."""
     raw = read_yaml(path)
     if not isinstance(raw, DictConfig) or "stages" not in raw or not raw.stages:
         raise UserError(f"{path} is not a pipeline file: it needs `stages:` (and optionally `common:`), "
                         f"like configs/quickstart.yaml; for one stage use `python -m launch submit STAGE {path}`")
     steps, named = pipeline_steps(raw, path)
+    skip = [o.split("=", 1)[1] for o in overrides if o.startswith("skip=")]
+    overrides = [o for o in overrides if not o.startswith("skip=")]
+    skipped = {s for value in skip for s in value.split(",") if s}
+    unknown = skipped - {step for step, _ in steps}
+    if unknown:
+        raise UserError(f"skip={','.join(skip)}: {path} has no step(s) {', '.join(sorted(unknown))}; "
+                        f"its steps: {', '.join(step for step, _ in steps)}")
+    steps = [(step, stage) for step, stage in steps if step not in skipped]
+    if not steps:
+        raise UserError(f"skip={','.join(skip)} leaves no step of {path} to run")
     common, per_step = split_overrides(overrides, [step for step, _ in steps])
 
     first_step, first_stage = steps[0]
