@@ -151,7 +151,7 @@ README_LOADER = "def load_exported("
 
 def readme_loader() -> str:
     text = (ROOT / "README.md").read_text()
-    start = text.index("```python\n", text.index("## Bring your own backbone")) + len("```python\n")
+    start = text.index("```python\n", text.index("## Compress a backbone you already have")) + len("```python\n")
     code = text[start:text.index("```", start)]
     assert README_LOADER in code
     return code
