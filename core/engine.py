@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ from core.config import EngineConfig
 from core.errors import UserError
 
 
+@functools.cache  # once a process: each call would add the same filters again
 def quiet_library_noise() -> None:
     """Drop what torch and torchao print that is no concern of a user of this project, and that
     every quant run printed, even one that ends in a config error: torchao's import-time
@@ -26,9 +28,6 @@ def quiet_library_noise() -> None:
     import logging
     import warnings
 
-    if getattr(quiet_library_noise, "done", False):
-        return
-    quiet_library_noise.done = True
     for logger, text in (("torch.utils._pytree", "KernelPreference"), ("torch.utils.cpp_extension", "No CUDA runtime")):
         logging.getLogger(logger).addFilter(lambda record, text=text: text not in record.getMessage())
     warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,

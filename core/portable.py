@@ -18,7 +18,8 @@ reads: model.pt (spec, weights, meta with the source file's sha256) and metrics.
 
 Export (`python -m launch export ARTIFACT format=torchvision|safetensors`): the backbone as a
 torchvision-layout state_dict (the probe head, when the artifact has one, as `fc`), and a
-spec.json of every layer's shape when a pruned backbone's widths differ from torchvision's.
+spec.json of every layer's shape, which rebuilds a pruned backbone whose widths are not
+torchvision's (the README's `load_exported`).
 """
 
 from __future__ import annotations
@@ -59,11 +60,9 @@ def read_checkpoint(path: Path) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(
-                f"import: {path} needs pickled Python objects to load, which weights_only=True refuses (unpickling "
-                f"can run code); if you trust the file, keep only its tensors once: python -c \"import torch; "
-                f"c = torch.load('{path}', weights_only=False); torch.save(c.get('state_dict', c), 'plain.pt')\" "
-                f"and import plain.pt") from None
+            raise UserError(f"import: {path} needs pickled Python objects to load, which weights_only=True refuses "
+                            f"(unpickling can run code); if you trust the file, keep only its tensors once, as the "
+                            f"README's \"Compress a backbone you already have\" shows, and import that file") from None
         raise UserError(f"import: cannot read {path} ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(blob, dict):
         raise UserError(f"import: {path} holds a {type(blob).__name__}, not a dict of weights")
@@ -128,11 +127,10 @@ def pick_layout(blob: dict, fmt: str, part: str, path: Path) -> Tuple[str, Dict[
     kept = {k: v for k, v in weights.items() if not k.startswith("fc.")}
     dropped = {"fc.*"} if len(kept) < len(weights) else set()
     for k in container:  # everything beside the backbone, by its module: projector.*, module.predictor.*
-        if not k.startswith(prefix) or not prefix:
+        if prefix and not k.startswith(prefix):
             parts = k.split(".")
             depth = 2 if parts[0] == "module" and len(parts) > 2 else 1
-            if prefix or parts[0] == "fc":
-                dropped.add(".".join(parts[:depth]) + ".*" if len(parts) > depth else k)
+            dropped.add(".".join(parts[:depth]) + ".*" if len(parts) > depth else k)
     return name, kept, sorted(dropped)
 
 
@@ -209,8 +207,8 @@ def import_backbone(src: Path, run_dir: Path, name: str, fmt: str = "auto", part
 
 
 def export_backbone(artifact: Path, fmt: str = "torchvision", out: Optional[Path] = None) -> List[Path]:
-    """The backbone (and the probe head as `fc`) in torchvision's layout; spec.json beside it
-    when its widths are not torchvision's (a pruned model). Returns the files written."""
+    """The backbone (and the probe head as `fc`) in torchvision's layout, and spec.json beside it
+    (every layer's shape: a pruned model's widths). Returns the files written."""
     if fmt not in ("torchvision", "safetensors"):
         raise UserError(f"export: format={fmt}; choices: torchvision, safetensors")
     art = ckpt.load_model(Path(artifact), "export: artifact")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -119,13 +120,14 @@ def keep_old_config(run_dir: Path) -> Path:
 
 def clear(run_dir: Path) -> List[str]:
     """overwrite=true: delete every file and folder of the previous run (not the lock we hold)."""
-    import shutil
-
     gone = []
     for p in sorted(Path(run_dir).iterdir()):
         if p.name == LOCK:
             continue
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
         gone.append(p.name)
     return gone
 

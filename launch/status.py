@@ -220,8 +220,9 @@ def status_lines(run_root: Optional[str | Path] = None, show_all: bool = False) 
             run_dir = job["run_dir"] if Path(job["run_dir"]).exists() else "(no run folder yet)"
             lines.append(f"  {str(job.get('job_id') or '-'):>10}  {state:<10} {job['stage']:<8} {job['name']:<28} "
                          f"{run_dir}" + (f"  [{detail}]" if detail else ""))
-            if log_path(job):
-                lines.append(f"  {'':>10}  log: {log_path(job)}")
+            log = log_path(job)
+            if log:
+                lines.append(f"  {'':>10}  log: {log}")
         if manifest.get("collect"):  # SLURM: the table, written by a last job once the others end
             c = manifest["collect"]
             state, detail = job_state(c, manifest["cluster"], manifest["folder"])
@@ -230,8 +231,9 @@ def status_lines(run_root: Optional[str | Path] = None, show_all: bool = False) 
                          + (f"{table}" if table.is_file() else "no table yet" if state in ACTIVE
                             else "no table (no run finished)")
                          + (f"  [{detail}]" if detail else ""))
-            if log_path(c):
-                lines.append(f"  {'':>10}  log: {log_path(c)}")
+            log = log_path(c)
+            if log:
+                lines.append(f"  {'':>10}  log: {log}")
     return lines
 
 
