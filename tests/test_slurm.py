@@ -287,9 +287,13 @@ def test_pipeline_runs_in_order_and_a_failed_stage_cancels_its_dependents(tmp_pa
     assert any("CANCELLED" in ln and "probe" in ln and f"never ran: byol tiny (job {byol_job['job_id']}) failed; "
                f"its log: {failed_log}" in ln for ln in lines), text
     assert "data folder" in failed_log.read_text() or "missing" in failed_log.read_text()
-    printed = [w for ln in lines for w in ln.replace("[", " ").replace("]", " ").replace(";", " ").split()
+    # Every path status points at exists. A FAILED job's bracket quotes its own error, which can
+    # name the missing file it failed on (here data.root): that text is the job's, not a pointer.
+    pointers = [ln.split("  [")[0] if "FAILED" in ln else ln for ln in lines]
+    printed = [w for ln in pointers for w in ln.replace("[", " ").replace("]", " ").replace(";", " ").split()
                if w.startswith("/")]
     assert printed and all(Path(w).exists() for w in printed), text
+    assert str(failed_log) in printed  # the never-ran job's pointer to the failed stage's log is checked
     byol_dir, probe_dir = (Path(j["run_dir"]) for j in good["jobs"])
     # probe read byol's finished artifact: it started after byol wrote its last file
     assert (probe_dir / "config.yaml").stat().st_mtime >= (byol_dir / "metrics.json").stat().st_mtime
