@@ -151,7 +151,7 @@ def run(cfg: Config) -> Path:
         return r.dir
 
     # ============ device, DDP, seed, data (uint8 images resident on the device) ============
-    r.start()
+    r.start(self_supervised=True)  # stl10: train + unlabelled (data.unlabeled)
     device, splits = r.device, r.splits
 
     # ============ networks: online (backbone, projector, predictor), target (EMA) ============

@@ -47,6 +47,15 @@ class DataConfig:
     num_workers: int = 4  # only for the streaming (in_memory=False) path
     synthetic_size: int = 512  # synthetic: number of train+val images
     synthetic_classes: int = 10
+    # The split every stage also reports on (test_* metrics; never used for a decision):
+    # auto = the official test split where the dataset has one (cifar10/100 and stl10 ship it in
+    # the same files; imagefolder: data.test_root), none for digits and synthetic;
+    # true = required (digits: a fixed 20% held out before train/val are carved); false = none.
+    test: str = choice("auto", "auto", "true", "false")
+    test_root: str = ""  # imagefolder: the test split's folder of class folders (e.g. ImageNet's val/)
+    # stl10: self-supervised pretraining (byol) on train + the 100k unlabelled images, as the
+    # field does; auto = byol only (probes and every labelled stage train on `train`).
+    unlabeled: str = choice("auto", "auto", "true", "false")
 
 
 @dataclass

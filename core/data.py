@@ -14,7 +14,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Tuple
+from dataclasses import replace
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +34,16 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    classes: Tuple[str, ...] = ()  # class names where the data has them (image folders)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.num_classes)
+        return ImageSet(self.images[index], self.labels[index], self.num_classes, self.classes)
 
     def to(self, device) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes)
+        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes, self.classes)
 
 
 @dataclass
@@ -52,27 +54,108 @@ class Splits:
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     image_size: int
-
-
+    # The held-out test split (data.test): reported beside val as test_*, never used to decide
+    # anything (no early stopping, no head selection); None where the data has none.
+    test: "ImageSet | JpegFolder | None" = None
+    test_name: str = ""  # where it came from, e.g. "cifar10 test (10000)"
+    unlabeled: Optional[ImageSet] = None  # stl10's unlabelled images, for self-supervised training
 # ----------------------------------------------------------------------------- registry
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """The training set with a validation split carved from it by `cfg.split_seed`."""
+def load_splits(cfg: DataConfig, self_supervised: bool = False) -> Splits:
+    """The training set with a validation split carved from it by `cfg.split_seed`, the test
+    split where one is configured (data.test), and stl10's unlabelled images for a
+    self-supervised stage (data.unlabeled)."""
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError(f"bad value for 'data.val_fraction': {cfg.val_fraction}; expected 0 <= x < 1")
     if cfg.image_size < 8:
         raise UserError(f"bad value for 'data.image_size': {cfg.image_size}; expected >= 8")
+    if cfg.unlabeled == "true" and cfg.name != "stl10":
+        raise UserError(f"data.unlabeled=true: only stl10 has an unlabelled split, not data.name={cfg.name}")
+    if cfg.test_root and cfg.name != "imagefolder":
+        raise UserError(f"data.test_root is for data.name=imagefolder; {cfg.name} brings its own test split "
+                        f"(data.test=auto uses it)")
     if cfg.name == "imagefolder" and not cfg.in_memory:
-        full = JpegFolder.scan(Path(cfg.root))
+        paths, labels, classes = scan_image_folder(Path(cfg.root))
+        full, test = JpegFolder(paths, labels, len(classes)), None
+        if test_wanted(cfg):
+            test_paths, test_labels, test_classes = scan_test_folder(cfg)
+            check_test_classes(cfg, classes, test_classes)
+            test = JpegFolder(test_paths, test_labels, len(test_classes))
         train_idx, val_idx = carve_validation(len(full), cfg.val_fraction, cfg.split_seed)
         return Splits(full.subset(train_idx), full.subset(val_idx), full.num_classes,
-                      IMAGENET_MEAN, IMAGENET_STD, cfg.image_size)
+                      IMAGENET_MEAN, IMAGENET_STD, cfg.image_size, test, test_label(cfg, test))
+    if cfg.name == "imagefolder" and test_wanted(cfg):  # a bad test folder stops before the decode
+        check_test_classes(cfg, scan_image_folder(Path(cfg.root))[2], scan_test_folder(cfg)[2])
     full = LOADERS[cfg.name](cfg)
+    full, test = split_off_test(cfg, full)
     train_idx, val_idx = carve_validation(len(full), cfg.val_fraction, cfg.split_seed)
     train = full.subset(train_idx)
     mean, std = channel_stats(train.images)
-    return Splits(train, full.subset(val_idx), full.num_classes, mean, std, cfg.image_size)
+    unlabeled = load_stl10_unlabeled(cfg) if cfg.name == "stl10" and (
+        cfg.unlabeled == "true" or (cfg.unlabeled == "auto" and self_supervised)) else None
+    return Splits(train, full.subset(val_idx), full.num_classes, mean, std, cfg.image_size, test,
+                  test_label(cfg, test), unlabeled)
+
+
+def with_unlabeled(train: ImageSet, unlabeled: ImageSet) -> ImageSet:
+    """train + unlabelled images (label -1) as one training set for a stage that ignores labels."""
+    return ImageSet(torch.cat([train.images, unlabeled.images]), torch.cat([train.labels, unlabeled.labels]),
+                    train.num_classes, train.classes)
+
+
+# ----------------------------------------------------------------------------- test splits
+
+DIGITS_TEST_FRACTION, DIGITS_TEST_SEED = 0.2, 20_26  # fixed: the same 359 test digits for every split_seed
+
+
+def test_wanted(cfg: DataConfig) -> bool:
+    """data.test as a yes/no: auto = the dataset has an official test split (or data.test_root)."""
+    if cfg.test == "false":
+        return False
+    has = cfg.name in ("cifar10", "cifar100", "stl10") or (cfg.name == "imagefolder" and bool(cfg.test_root))
+    if cfg.test == "true" and not has and cfg.name != "digits":
+        need = "data.test_root=DIR (a folder of class folders)" if cfg.name == "imagefolder" else "another dataset"
+        raise UserError(f"data.test=true: data.name={cfg.name} has no test split; it needs {need}")
+    return has or (cfg.test == "true" and cfg.name == "digits")
+
+
+def test_label(cfg: DataConfig, test) -> str:
+    if test is None:
+        return ""
+    where = cfg.test_root if cfg.name == "imagefolder" else f"{cfg.name} test"
+    return f"{where} ({len(test)})"
+
+
+def split_off_test(cfg: DataConfig, full: ImageSet) -> Tuple[ImageSet, Optional[ImageSet]]:
+    """(what train and val are carved from, the test split or None)."""
+    if not test_wanted(cfg):
+        return full, None
+    if cfg.name == "digits":  # no official split: a fixed fifth, held out before train/val
+        rest, test = carve_validation(len(full), DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
+        return full.subset(rest), full.subset(test)
+    if cfg.name == "imagefolder":
+        return full, load_image_folder_in_memory(replace(cfg, root=cfg.test_root))
+    return full, TEST_LOADERS[cfg.name](cfg)
+
+
+def scan_test_folder(cfg: DataConfig) -> Tuple[list, list, list]:
+    """scan_image_folder of data.test_root, its errors naming both folders."""
+    try:
+        return scan_image_folder(Path(cfg.test_root))
+    except UserError as e:
+        raise UserError(f"data.test_root: {e} (training folder: {cfg.root})") from None
+
+
+def check_test_classes(cfg: DataConfig, train_classes: list, test_classes: list) -> None:
+    """The test folder's class folders must be the training folder's: labels are folder indices."""
+    if list(train_classes) != list(test_classes):
+        only_train = sorted(set(train_classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(train_classes))
+        what = (f"only in training: {', '.join(only_train[:5]) or '-'}; only in test: {', '.join(only_test[:5]) or '-'}"
+                if only_train or only_test else "same names in another order")
+        raise UserError(f"the test folder {cfg.test_root} has other classes than the training folder {cfg.root} "
+                        f"({len(test_classes)} vs {len(train_classes)}; {what})")
 
 
 def carve_validation(n: int, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,22 +216,30 @@ def _torchvision_set(cls, cfg: DataConfig, **kwargs):
         raise
 
 
-def load_cifar(cfg: DataConfig) -> ImageSet:
+def load_cifar(cfg: DataConfig, train: bool = True) -> ImageSet:
+    """CIFAR-10/100's train split (50,000 images), or its official test split (10,000)."""
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
-    ds = _torchvision_set(cls, cfg, train=True)
+    ds = _torchvision_set(cls, cfg, train=train)
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
-    return ImageSet(_resize_uint8(x, cfg.image_size), torch.tensor(ds.targets).long(), len(ds.classes))
+    return ImageSet(_resize_uint8(x, cfg.image_size), torch.tensor(ds.targets).long(), len(ds.classes),
+                    tuple(ds.classes))
 
 
-def load_stl10(cfg: DataConfig) -> ImageSet:
-    """STL-10's labelled train split (5,000 images at 96px)."""
+def load_stl10(cfg: DataConfig, split: str = "train") -> ImageSet:
+    """STL-10's labelled train split (5,000 images at 96px), or its test split (8,000)."""
     from torchvision import datasets
 
-    ds = _torchvision_set(datasets.STL10, cfg, split="train")
+    ds = _torchvision_set(datasets.STL10, cfg, split=split)
     x = torch.from_numpy(ds.data)
-    return ImageSet(_resize_uint8(x, cfg.image_size), torch.from_numpy(ds.labels).long(), 10)
+    return ImageSet(_resize_uint8(x, cfg.image_size), torch.from_numpy(ds.labels).long(), 10,
+                    tuple(getattr(ds, "classes", ())))
+
+
+def load_stl10_unlabeled(cfg: DataConfig) -> ImageSet:
+    """STL-10's 100,000 unlabelled images (label -1): BYOL-style pretraining uses train + these."""
+    return load_stl10(cfg, split="unlabeled")
 
 
 def scan_image_folder(root: Path) -> Tuple[list, list, list]:
@@ -184,7 +275,7 @@ def load_image_folder_in_memory(cfg: DataConfig) -> ImageSet:
     if cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True)
-            return ImageSet(blob["images"], blob["labels"], len(blob["classes"]))
+            return ImageSet(blob["images"], blob["labels"], len(blob["classes"]), tuple(blob["classes"]))
         except Exception:
             pass  # a stale or broken cache is rebuilt below
     images = torch.empty(len(paths), 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
@@ -198,7 +289,7 @@ def load_image_folder_in_memory(cfg: DataConfig) -> ImageSet:
         os.replace(tmp, cache)
     except OSError:
         pass  # a read-only dataset folder only costs the decode next time
-    return ImageSet(images, blob["labels"], len(classes))
+    return ImageSet(images, blob["labels"], len(classes), tuple(classes))
 
 
 def decode_image_file(path: Path, size: int) -> torch.Tensor:
@@ -222,6 +313,11 @@ LOADERS = {
     "cifar100": load_cifar,
     "stl10": load_stl10,
     "imagefolder": load_image_folder_in_memory,
+}
+TEST_LOADERS = {  # the official test splits, read from the same files as train (torchvision's formats)
+    "cifar10": lambda cfg: load_cifar(cfg, train=False),
+    "cifar100": lambda cfg: load_cifar(cfg, train=False),
+    "stl10": lambda cfg: load_stl10(cfg, split="test"),
 }
 
 

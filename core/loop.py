@@ -124,10 +124,13 @@ class Run:
 
     # ------------------------------------------------------------------ setup
 
-    def start(self, train=None, batch_size: Optional[int] = None, epochs: Optional[int] = None) -> None:
+    def start(self, train=None, batch_size: Optional[int] = None, epochs: Optional[int] = None,
+              self_supervised: bool = False) -> None:
         """Device, distributed init, seeds, data (uint8 on the device), the plan, config.yaml, W&B.
 
         train: the training set when it is not the split's (finetune's labelled subset).
+        self_supervised: a stage that ignores labels (byol) also trains on the dataset's
+        unlabelled images where it has them (stl10's 100k, data.unlabeled).
         """
         cfg = self.cfg
         check_numbers(cfg)  # as load_config does: for configs built in code too
@@ -139,8 +142,12 @@ class Run:
         # module it wraps); per-rank randomness comes from the views' (seed, rank, step).
         engine.seed_everything(cfg.seed, cfg.engine.deterministic)
         self.bf16 = engine.use_bf16(cfg.engine, self.device)
-        self.splits = datalib.load_splits(cfg.data)
+        self.splits = datalib.load_splits(cfg.data, self_supervised)
         train = self.splits.train if train is None else train
+        if self.splits.unlabeled is not None and train is self.splits.train:
+            train = datalib.with_unlabeled(train, self.splits.unlabeled)
+            log_line(f"{self.stage}: training on {len(train)} images: {len(self.splits.train)} labelled + "
+                     f"{len(self.splits.unlabeled)} unlabelled (data.unlabeled)")
         self.in_memory = isinstance(train, datalib.ImageSet)
         self.train_set = train.to(self.device) if self.in_memory else train
         self.batch_size = batch_size or cfg.train.batch_size  # per process
@@ -484,7 +491,8 @@ class Run:
         return {"stage": self.stage, "epochs": self.epochs, "steps": self.total_steps,
                 "seconds_per_epoch": float(np.mean(self.epoch_seconds)) if self.epoch_seconds else None,
                 "final_loss": self.history[-1]["loss"] if self.history else None, "history": self.history,
-                "budget_plan": self.budget_plan, "stage_seconds": time.perf_counter() - self.t0}
+                "budget_plan": self.budget_plan, "stage_seconds": time.perf_counter() - self.t0,
+                **({"test_split": self.splits.test_name} if self.splits.test is not None else {})}
 
     def meta(self, parents=(), **extra) -> dict:
         """model.pt's meta: the data it was trained on, its preprocessing, its lineage."""

@@ -139,13 +139,18 @@ def labels_digest(index: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
-def val_accuracy(model: nn.Module, splits, device, batch_size: int, bf16: bool = False) -> dict:
+def val_accuracy(model: nn.Module, splits, device, batch_size: int, bf16: bool = False, test: bool = False) -> dict:
+    """finetune_top1/top5 on val; with test=True also test_finetune_* where a test split exists."""
     was_training = model.training
-    logits = predict(model.eval(), splits.val.images, splits.mean, splits.std, splits.image_size, device, batch_size,
-                     bf16)
+    parts = {"": splits.val, **({"test_": splits.test} if test and splits.test is not None else {})}
+    out = {}
+    for prefix, part in parts.items():
+        logits = predict(model.eval(), part.images, splits.mean, splits.std, splits.image_size, device, batch_size,
+                         bf16)
+        acc = topk_accuracy(logits, part.labels.cpu())
+        out.update({f"{prefix}finetune_top1": acc[1], f"{prefix}finetune_top5": acc[5]})
     model.train(was_training)
-    acc = topk_accuracy(logits, splits.val.labels.cpu())
-    return {"finetune_top1": acc[1], "finetune_top5": acc[5]}
+    return out
 
 
 def initial_head(backbone: nn.Module, labelled: datalib.ImageSet, splits, cfg: Config, device,
@@ -193,6 +198,9 @@ def evaluate_int8(cfg: Config, art: ckpt.Artifact, package: Path, splits, r: Run
         "params": count_params(art.backbone), "macs": count_macs(art.backbone, size),
         "file_mb": package.stat().st_size / 2**20, "seconds": time.perf_counter() - start,
     }
+    if splits.test is not None:
+        acc = int8.package_accuracy(model, splits.test.images, splits.test.labels, splits, cfg.eval.feature_batch_size)
+        metrics.update(test_finetune_top1=acc[1], test_finetune_top5=acc[5], test_split=splits.test_name)
     write_metrics(run_dir, metrics, tracker)
     log_line(f"finetune: {cfg.artifact} is int8: evaluated as exported, top-1 {metrics['finetune_top1']:.4f}"
              f"  top-5 {metrics['finetune_top5']:.4f} on {describe(metrics['cpu'])} -> {run_dir}")
@@ -277,7 +285,7 @@ def run(cfg: Config) -> Path:
         full = labelled.images[: len(labelled) - len(labelled) % batch_size]
         update_bn((eval_view(chunk.to(device), size, splits.mean, splits.std) for chunk in full.split(batch_size)),
                   model.backbone)
-    metrics = val_accuracy(model, splits, device, cfg.eval.feature_batch_size, r.bf16)
+    metrics = val_accuracy(model, splits, device, cfg.eval.feature_batch_size, r.bf16, test=True)
     # kNN with only the labels this run saw as its bank (with all labels: the usual kNN monitor).
     knn, _ = evaluate_backbone(model.backbone, replace(splits, train=labelled), cfg.eval, device, r.bf16, probe=False)
     metrics.update({

@@ -27,11 +27,18 @@ import yaml
 
 from core.errors import UserError
 
-COLUMNS = ["run", "stage", "arch", "probe_top1", "probe_top5", "knn_top1", "finetune_top1", "params", "macs", "file_mb",
-           "latency_ms_cpu_b1", "latency_ms_cpu_b32", "cka_teacher", "seconds_per_epoch"]
+COLUMNS = ["run", "stage", "arch", "probe_top1", "probe_top5", "knn_top1", "linear_top1", "finetune_top1",
+           "test_probe_top1", "test_probe_top5", "test_knn_top1", "test_linear_top1", "test_finetune_top1",
+           "params", "macs", "file_mb", "latency_ms_cpu_b1", "latency_ms_cpu_b32", "cka_teacher", "seconds_per_epoch"]
 METRICS = COLUMNS[3:]
-# Headers of the Markdown tables (the CSVs keep the metric names, for scripts)
-LABELS = {"probe_top1": "probe top-1", "probe_top5": "top-5", "knn_top1": "kNN top-1", "finetune_top1": "fine-tune top-1",
+ACCURACIES = ("probe_top1", "probe_top5", "knn_top1", "linear_top1", "finetune_top1")
+# Headers of the Markdown tables, each accuracy with the split it was measured on: val (carved
+# from train, what every decision uses) or test (data.test / data.test_root; never used to decide).
+# The CSVs keep the metric names, for scripts.
+LABELS = {**{m: f"val {label}" for m, label in zip(ACCURACIES, ("probe top-1", "top-5", "kNN top-1", "linear top-1",
+                                                                  "fine-tune top-1"))},
+          **{f"test_{m}": f"test {label}" for m, label in zip(ACCURACIES, ("probe top-1", "top-5", "kNN top-1",
+                                                                            "linear top-1", "fine-tune top-1"))},
           "params": "params", "macs": "MACs", "file_mb": "file MB", "latency_ms_cpu_b1": "CPU ms b1",
           "latency_ms_cpu_b32": "CPU ms b32", "cka_teacher": "CKA", "seconds_per_epoch": "s/epoch"}
 ACCURACY = "probe_top1"
@@ -85,7 +92,7 @@ def read_run(run_dir: Path, sweeps: Dict[Path, dict]) -> dict:
     if not arch and (source / "metrics.json").is_file():  # probe: the arch of what it probed
         arch = json.loads((source / "metrics.json").read_text()).get("arch", "")
     row = {"run": f"{run_dir.parent.name}/{run_dir.name}", "stage": stage, "arch": arch,
-           "dir": str(run_dir), "seed": config.get("seed")}
+           "dir": str(run_dir), "seed": config.get("seed"), "test_split": metrics.get("test_split")}
     row.update({m: metrics.get(m) for m in METRICS})
     sweep = sweeps.get(run_dir.resolve())
     # The cohort: groups whose accuracies are compared (collect's "vs best" column).
@@ -163,7 +170,7 @@ def fmt(metric: str, value) -> str:
         return "–"
     if not isinstance(value, (int, float)):
         return str(value)
-    if metric in ("probe_top1", "probe_top5", "knn_top1", "finetune_top1", "cka_teacher"):
+    if metric.removeprefix("test_") in ACCURACIES or metric == "cka_teacher":
         return f"{value:.4f}"
     if metric == "params":
         return f"{value / 1e6:.2f}M"
@@ -289,6 +296,9 @@ def collect(paths: Sequence[str | Path], out: Optional[str | Path] = None, cost:
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(rows)
     text = [f"## Runs ({len(rows)})", "", runs_table(rows)]
+    tests = sorted({r["test_split"] for r in rows if r.get("test_split")})
+    if tests:  # which images the test columns are on
+        text += ["", f"test columns: {'; '.join(tests)}"]
     if any(g["n"] > 1 or g["overrides"] for g in groups):
         text += ["", "## Variants (mean ± std over seeds)", "", groups_table(groups)]
     plot = plot_pareto(groups, cost, out / f"pareto_{cost}.png")

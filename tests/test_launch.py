@@ -559,7 +559,7 @@ def test_collect_tables_groups_and_pareto_on_planted_metrics(tmp_path):
     text = collect_mod.collect([root], out, "macs")
     assert "| distill/abl-kd-s1 | distill | resnet18 | 0.8200 |" in text
     # readable headers, and no column of dashes for what no run measured (fine-tune, top-5, ...)
-    assert text.splitlines()[2] == "| run | stage | arch | probe top-1 | params | MACs | file MB | CPU ms b1 | CKA |"
+    assert text.splitlines()[2] == "| run | stage | arch | val probe top-1 | params | MACs | file MB | CPU ms b1 | CKA |"
     groups = {g["group"]: g for g in collect_mod.group_runs(
         [collect_mod.read_run(d, collect_mod.sweep_index([root])) for d in collect_mod.find_artifacts([root])])}
     for variant, values in accs.items():
