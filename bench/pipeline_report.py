@@ -37,8 +37,9 @@ from latency_artifacts import measure_rounds  # noqa: E402
 from launch import collect as collect_mod  # noqa: E402
 
 ROLES = {"byol": "teacher (fp32)", "distill": "student (fp32)", "prune": "pruned (fp32)", "quant": "int8"}
-COLUMNS = [("model", None), ("run", None), ("arch", None), ("probe top-1", "probe_top1"), ("probe top-5", "probe_top5"),
-           ("kNN top-1", "knn_top1"), ("params", "params"), ("MACs", "macs"), ("file MB", "file_mb"),
+COLUMNS = [("model", None), ("run", None), ("arch", None), ("val probe top-1", "probe_top1"),
+           ("val probe top-5", "probe_top5"), ("val kNN top-1", "knn_top1"), ("test probe top-1", "test_probe_top1"),
+           ("test probe top-5", "test_probe_top5"), ("test kNN top-1", "test_knn_top1"), ("params", "params"), ("MACs", "macs"), ("file MB", "file_mb"),
            ("CPU ms b1", "latency_ms_cpu_b1"), ("CPU ms b32", "latency_ms_cpu_b32"),
            ("train s/epoch", "seconds_per_epoch")]
 
@@ -112,16 +113,21 @@ def report(source: Path, out: Path, iters: int = 20, warmup: int = 5, rounds: in
     ordered = [rows[s] for s in ROLES if s in rows]
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
-    table = collect_mod.markdown([c for c, _ in COLUMNS], [
-        [r["model"], r["run"], r["arch"]] + [collect_mod.fmt(k, r.get(k)) for _, k in COLUMNS[3:]] for r in ordered])
+    # The test columns only where a run measured them (data.test / data.test_root; val only otherwise).
+    columns = [(c, k) for c, k in COLUMNS if k is None or not k.startswith("test_") or any(r.get(k) for r in ordered)]
+    table = collect_mod.markdown([c for c, _ in columns], [
+        [r["model"], r["run"], r["arch"]] + [collect_mod.fmt(k, r.get(k)) for _, k in columns[3:]] for r in ordered])
     checks = targets(rows)
     check_table = collect_mod.markdown(["target", "value", "met"], [
         [what, value, {True: "yes", False: "NO", None: "–"}[passed]] for what, value, passed in checks])
     for r in ordered:
         r["group"] = r["model"]  # the Pareto plot labels each point with its group
     plot = collect_mod.plot_pareto(collect_mod.group_runs(ordered), "latency", out / "pareto_latency.png")
+    tests = sorted({r["test_split"] for r in ordered if r.get("test_split")})
     text = (f"CPU latency and file size measured here ({machine}) from the artifact files; accuracies "
-            f"and GPU s/epoch from metrics.json.\n\n{table}\n\n{check_table}\n")
+            f"and GPU s/epoch from metrics.json"
+            + (f"; test columns on {'; '.join(tests)}" if tests else "; no test split configured (val only)")
+            + f".\n\n{table}\n\n{check_table}\n")
     (out / "table.md").write_text(text)
     result = {"machine": machine, "rows": ordered, "targets": [list(c) for c in checks],
               "plot": str(plot) if plot else None}

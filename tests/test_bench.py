@@ -253,8 +253,9 @@ def test_init_artifact_is_a_loadable_narrow_untrained_backbone(tmp_path):
     assert not torch.equal(tuned.backbone.conv1.weight, art.backbone.conv1.weight)
 
 
-def planted_pipeline(root, teacher_top1=0.86, int8_top1=0.845):
-    """byol/distill/prune/quant artifact dirs: small real backbones (+ heads), planted metrics."""
+def planted_pipeline(root, teacher_top1=0.86, int8_top1=0.845, test=False):
+    """byol/distill/prune/quant artifact dirs: small real backbones (+ heads), planted metrics
+    (test=True: test-split metrics too, 1 point under val)."""
     import torch.nn as nn
 
     from core import checkpoint as ckpt
@@ -269,7 +270,9 @@ def planted_pipeline(root, teacher_top1=0.86, int8_top1=0.845):
                         nn.Linear(512, 10))
         ckpt.write_json(d / "metrics.json", {"stage": stage, "arch": arch, "probe_top1": top1, "probe_top5": 0.99,
                                              "knn_top1": top1 - 0.01, "params": 11.2e6, "macs": macs,
-                                             "seconds_per_epoch": 3.0, "latency_ms_cpu_b1": 999.0})
+                                             "seconds_per_epoch": 3.0, "latency_ms_cpu_b1": 999.0,
+                                             **({"test_probe_top1": top1 - 0.01, "test_split": "cifar10 test (10000)"}
+                                                if test else {})})
         (d / "config.yaml").write_text(f"name: p\nseed: 0\nmodel: {{arch: {arch}}}\n")
         (d / "checkpoint.pt").write_bytes(b"not packed")
     return root
@@ -291,7 +294,7 @@ def test_pack_with_nothing_finished_fails_unless_allowed_empty(tmp_path):
 def test_pack_zeroes_weights_keeping_sizes_and_report_checks_targets(tmp_path):
     from core import checkpoint as ckpt
 
-    root = planted_pipeline(tmp_path / "runs")
+    root = planted_pipeline(tmp_path / "runs", test=True)
     z = tmp_path / "a.zip"
     proc = run_cli(["bench/pack_artifacts.py", str(root), str(z)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -320,6 +323,9 @@ def test_pack_zeroes_weights_keeping_sizes_and_report_checks_targets(tmp_path):
     assert not met["int8 file >= 20x smaller than the teacher's"]  # same-size files here: 1x
     table = (out / "table.md").read_text()
     assert "| teacher (fp32) | byol/p | resnet18 | 0.8600 |" in table and (out / "pareto_latency.png").is_file()
+    # The test split's own column, named, and its source; no empty test columns beside it.
+    assert "| val probe top-1 | val probe top-5 | val kNN top-1 | test probe top-1 | params |" in table
+    assert "| 0.8600 | 0.9900 | 0.8500 | 0.8500 |" in table and "test columns on cifar10 test (10000)" in table
 
     # Two runs of a stage: one line asking for --name, which picks one.
     planted_pipeline(tmp_path / "runs2", teacher_top1=0.80)
@@ -333,5 +339,6 @@ def test_pack_zeroes_weights_keeping_sizes_and_report_checks_targets(tmp_path):
                     "--warmup", "0", "--rounds", "1", "--name", "p"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     met = {what: passed for what, _, passed in json.loads((tmp_path / "r2/report.json").read_text())["targets"]}
+    assert "test probe top-1" not in (tmp_path / "r2/table.md").read_text()  # no test split: val only
     assert met["teacher probe top-1 >= 0.85"] is False and met["int8 >= pruned - 0.5 point"] is False
     assert met["student >= teacher - 2 points"] is True
