@@ -262,3 +262,23 @@ def test_shipped_config_loads():
     assert (cfg.data.name, cfg.data.val_fraction, cfg.labels_fraction) == ("cifar10", 0.1, 0.01)
     assert (cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, cfg.train.epochs) == ("sgd", 0.05, 0.0, 30)
     assert cfg.aug.jitter_p == cfg.aug.blur_p1 == cfg.aug.solarize_p2 == 0.0 and cfg.name == "default"
+
+
+def test_test_split_is_reported_and_recomputes_from_the_saved_model(tmp_path, pruned_artifact):
+    """With data.test=true (digits: the fixed held-out fifth) the fine-tuned classifier is also
+    scored on the test split: test_finetune_top1 is the saved model's accuracy on those images,
+    and the val number is still the val split's."""
+    from core.models import Classifier
+
+    out = run(cfg_of(f"run_root={tmp_path / 'runs'}", f"artifact={pruned_artifact}", "data.name=digits",
+                     "data.test=true", "data.val_fraction=0.2", "labels_fraction=0.1", "train.epochs=1",
+                     "train.batch_size=16", "eval.knn_every_epochs=0"))
+    m = json.loads((out / "metrics.json").read_text())
+    splits = datalib.load_splits(DataConfig(name="digits", image_size=SIZE, val_fraction=0.2, test="true"))
+    art = ckpt.load_model(out)
+    model = Classifier(art.backbone, art.head).eval()
+    with torch.no_grad():
+        for prefix, part in (("", splits.val), ("test_", splits.test)):
+            acc = topk_accuracy(model(eval_view(part.images, SIZE, splits.mean, splits.std)), part.labels)
+            assert m[f"{prefix}finetune_top1"] == pytest.approx(acc[1], abs=1e-6), prefix
+    assert m["test_split"] == "digits test (359)" and 0 <= m["test_knn_top1"] <= 1
