@@ -9,6 +9,7 @@ compares a measurement here with the one the quant stage recorded, and says whic
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -43,6 +44,8 @@ class PackagedModel(nn.Module):
     def __init__(self, path: Path):
         super().__init__()
         self.path = Path(path)
+        if not zipfile.is_zipfile(self.path):  # before torch, which logs a warning about it first
+            raise UserError(f"cannot load the int8 package {path}: not a .pt2 (zip) archive")
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as e:

@@ -19,7 +19,9 @@ reads: model.pt (spec, weights, meta with the source file's sha256) and metrics.
 Export (`python -m launch export ARTIFACT format=torchvision|safetensors`): the backbone as a
 torchvision-layout state_dict (the probe head, when the artifact has one, as `fc`), and a
 spec.json of every layer's shape, which rebuilds a pruned backbone whose widths are not
-torchvision's (the README's `load_exported`).
+torchvision's (the README's `load_exported`). `format=onnx`: the fp32 classifier (backbone +
+probe head; the backbone's pooled features when it has none) as `model.onnx`, dynamic batch,
+its preprocessing in the file's metadata (core/onnx_export.py; needs the onnx extra).
 """
 
 from __future__ import annotations
@@ -209,11 +211,17 @@ def import_backbone(src: Path, run_dir: Path, name: str, fmt: str = "auto", part
 def export_backbone(artifact: Path, fmt: str = "torchvision", out: Optional[Path] = None) -> List[Path]:
     """The backbone (and the probe head as `fc`) in torchvision's layout, and spec.json beside it
     (every layer's shape: a pruned model's widths). Returns the files written."""
-    if fmt not in ("torchvision", "safetensors"):
-        raise UserError(f"export: format={fmt}; choices: torchvision, safetensors")
+    if fmt not in ("torchvision", "safetensors", "onnx"):
+        raise UserError(f"export: format={fmt}; choices: torchvision, safetensors, onnx")
+    if fmt == "onnx":
+        from core import onnx_export
+
+        onnx_export.require("export format=onnx")
     art = ckpt.load_model(Path(artifact), "export: artifact")
     out = Path(out) if out else Path(artifact) / "export"
     out.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        return [export_onnx(art, out / "model.onnx")]
     weights = {k: v.contiguous() for k, v in art.backbone.state_dict().items()}
     if art.head is not None:
         weights.update({f"fc.{k}": v.contiguous() for k, v in art.head.state_dict().items()})
@@ -232,3 +240,21 @@ def export_backbone(artifact: Path, fmt: str = "torchvision", out: Optional[Path
     ckpt.atomic_write_text(out / "spec.json", json.dumps(spec, indent=1) + "\n")
     written.append(out / "spec.json")
     return written
+
+
+def export_onnx(art: ckpt.Artifact, path: Path) -> Path:
+    """The artifact's fp32 classifier (or bare backbone) as ONNX, preprocessing in its metadata."""
+    from core import onnx_export
+    from core.models import Classifier
+
+    model = (Classifier(art.backbone, art.head) if art.head is not None else art.backbone).eval()
+    size = int(art.meta.get("image_size", 224))
+    meta = {"stage": art.meta.get("stage", ""), "name": art.meta.get("name", ""), "image_size": size,
+            "arch": art.spec.get("arch", ""), "output": "logits" if art.head is not None else "features",
+            "input": "float32 [B, 3, image_size, image_size], (pixels / 255 - mean) / std"}
+    for key in ("mean", "std"):
+        if art.meta.get(key) is not None:
+            meta[key] = json.dumps(list(art.meta[key]))
+    if art.head is not None:
+        meta["num_classes"] = art.head.out_features
+    return onnx_export.export(model, torch.zeros(2, 3, size, size), path, meta)

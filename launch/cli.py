@@ -27,7 +27,7 @@ python -m launch status [--run-root DIR] [--all]                   state and log
 python -m launch collect [RUN_ROOT | DIR ...] [--out DIR] [--cost macs|latency|size]
 python -m launch import SRC name=N [format=auto] [part=auto|online|target] [run_root=runs] [overwrite=true]
                                                                    a pretrained ResNet as runs/import/N
-python -m launch export ARTIFACT [format=torchvision|safetensors] [out=DIR]
+python -m launch export ARTIFACT [format=torchvision|safetensors|onnx] [out=DIR]
                                                                    its backbone in torchvision's layout
 
 Where jobs run is each config's `launch.cluster`: slurm, local (subprocesses, in order) or debug
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("args", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser("export", help="an artifact's backbone in torchvision's layout")
+    p = sub.add_parser("export", help="an artifact's backbone in torchvision's layout, or as ONNX")
     p.add_argument("artifact", metavar="ARTIFACT")
     p.add_argument("args", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_export)

@@ -1,4 +1,5 @@
-"""int8 for x86 CPUs with torchao's PT2E flow: export -> prepare_qat -> train -> convert -> package.
+"""int8 for x86 CPUs with torchao's PT2E flow: export -> prepare_qat -> train -> convert -> package
+(QAT), or export -> prepare -> calibrate -> convert -> package (PTQ, the baseline QAT is read against).
 
 Why PT2E and not torch.ao.quantization's FX QAT (prepare_qat_fx / convert_fx): both work with
 torch 2.14 (DESIGN.md has the FX measurement), but the FX API is deprecated and slated for
@@ -140,13 +141,29 @@ def x86_quantizer(reduce_range: bool = False):
     return X86InductorQuantizer().set_global(config)
 
 
+def x86_ptq_quantizer(reduce_range: bool = False):
+    """torchao's x86 post-training config unchanged but for `reduce_range`: per-channel symmetric
+    int8 weights (min/max), per-tensor affine uint8 activations from a histogram observer (the
+    range that minimises the quantisation error of what calibration saw, not its min/max)."""
+    from dataclasses import replace
+
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    default = get_default_x86_inductor_quantization_config(is_qat=False)
+    activation = replace(default.input_activation, quant_max=127 if reduce_range else 255)
+    config = replace(default, input_activation=activation, output_activation=activation)
+    return X86InductorQuantizer().set_global(config)
+
+
 QUANTIZERS = {"x86": x86_quantizer}
+PTQ_QUANTIZERS = {"x86": x86_ptq_quantizer}
 
 
-def make_quantizer(backend: str, reduce_range: bool = False):
+def make_quantizer(backend: str, reduce_range: bool = False, qat: bool = True):
     if backend not in QUANTIZERS:
         raise UserError(f"unsupported quant.backend {backend!r}; supported: {', '.join(QUANTIZERS)}")
-    return QUANTIZERS[backend](reduce_range=reduce_range)
+    return (QUANTIZERS if qat else PTQ_QUANTIZERS)[backend](reduce_range=reduce_range)
 
 
 def _head_linear(prepared: torch.fx.GraphModule) -> torch.fx.Node:
@@ -219,6 +236,33 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = "x86",
         raise RuntimeError(f"the {backend} quantizer inserted no fake-quant into the exported graph "
                            f"(torch {torch.__version__}): nothing would be quantised")
     return prepared
+
+
+def prepare_ptq(model: nn.Module, example: torch.Tensor, backend: str = "x86",
+                reduce_range: bool = False) -> torch.fx.GraphModule:
+    """Export `model` in eval mode (dynamic batch, strictly, as `prepare_qat`) and insert
+    observers for post-training quantisation: BN is folded into the convs here, and forward
+    passes (`calibrate`) only record ranges. `model` needs one module per ReLU call site."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    model.eval()
+    with torch.random.fork_rng():
+        graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch_dim()},), strict=True).module()
+        prepared = prepare_pt2e(graph, make_quantizer(backend, reduce_range, qat=False))
+    if not any(name.startswith("activation_post_process") for name, _ in prepared.named_children()):
+        raise RuntimeError(f"the {backend} quantizer inserted no observer into the exported graph "
+                           f"(torch {torch.__version__}): nothing would be quantised")
+    return prepared
+
+
+@torch.no_grad()
+def calibrate(prepared: torch.fx.GraphModule, batches) -> int:
+    """Run float batches through the observers (no training); returns how many images they saw."""
+    seen = 0
+    for x in batches:
+        prepared(x)
+        seen += len(x)
+    return seen
 
 
 def freeze_observers(prepared: torch.fx.GraphModule) -> None:

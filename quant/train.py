@@ -30,10 +30,12 @@ backbone artifact), checkpoint.pt, config.yaml, metrics.json.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -42,6 +44,8 @@ import torch.nn.functional as F
 from core import checkpoint as ckpt
 from core import engine
 from core import int8
+from core import data as datalib
+from core import onnx_export
 from core.augment import AugmentConfig, eval_view, one_view, supervised_aug
 from core.config import StageConfig, TrainConfig, choice
 from core.cpu import cpu_facts, describe, int8_has_vnni
@@ -57,11 +61,23 @@ from core.track import log_line
 from quant import pt2e
 
 STAGE = "quant"
+ONNX_NAME = "model_int8.onnx"
 
 
 @dataclass
 class QuantConfig:
     backend: str = choice("x86", "x86")  # oneDNN int8 kernels (x86 CPUs); see pt2e.QUANTIZERS
+    # qat: fake-quant training, then conversion. ptq: the same PT2E flow without training (the
+    # baseline every QAT number is read against): observers calibrated on `calib_batches` batches
+    # of train.batch_size training images (eval view, no augmentation), converted, packaged and
+    # measured like QAT; the source's head is kept (refit_head is QAT's), as ONNX Runtime's
+    # quantize_static keeps it.
+    mode: str = choice("qat", "qat", "ptq")
+    calib_batches: int = 8
+    # model_int8.onnx beside the .pt2 (QDQ, dynamic batch; core/onnx_export.py), evaluated with
+    # ONNX Runtime. auto: when the onnx extra is installed and activations are full-range (ONNX's
+    # QuantizeLinear cannot clamp at 127); true: required, else an error before any work.
+    onnx: str = choice("auto", "auto", "true", "false")
     # 7-bit activations (0..127): needed where the int8 model runs on a CPU without VNNI, whose
     # kernels saturate full-range ones (core/cpu.py; README, "int8 on CPUs with and without
     # VNNI"). auto: true exactly when this machine's int8 kernels lack VNNI. Kept in
@@ -125,6 +141,12 @@ def load_source(path: str) -> ckpt.Artifact:
 
 def check_config(cfg: Config) -> None:
     pt2e.make_quantizer(cfg.quant.backend)  # unsupported backend: an error now, not after training
+    if cfg.quant.onnx == "true":
+        onnx_export.require("quant.onnx=true")
+    if cfg.quant.mode == "ptq":  # no training: no loss, the teacher only for CKA
+        if cfg.quant.calib_batches < 1:
+            raise UserError(f"quant.mode=ptq needs quant.calib_batches >= 1, got {cfg.quant.calib_batches}")
+        return
     unused = [name for name in LOSSES if name not in ("kd", "ce") and getattr(cfg.loss, name) != 0]
     if unused:
         raise UserError(f"quant trains on logits: only loss.kd and loss.ce apply; set "
@@ -156,14 +178,16 @@ def apply_freezes(prepared: torch.fx.GraphModule, epoch: int, cfg: QuantConfig, 
 
 
 def build_prepared(source: ckpt.Artifact, image_size: int, backend: str, device: torch.device,
-                   reduce_range: bool = False) -> torch.fx.GraphModule:
-    """A copy of the source classifier with one ReLU per call site, exported and prepared for QAT.
+                   reduce_range: bool = False, mode: str = "qat") -> torch.fx.GraphModule:
+    """A copy of the source classifier with one ReLU per call site, exported and prepared for QAT
+    (or, mode="ptq", in eval mode with observers for calibration).
 
     Deterministic: the same source and image size give the same graph and state_dict keys, so a
     checkpoint's `model` state loads strictly into a new one (resume, conversion on the CPU).
     """
     model = pt2e.split_relus(copy.deepcopy(Classifier(source.backbone, source.head))).to(device)
-    return pt2e.prepare_qat(model, torch.zeros(2, 3, image_size, image_size, device=device), backend, reduce_range)
+    prepare = pt2e.prepare_qat if mode == "qat" else pt2e.prepare_ptq
+    return prepare(model, torch.zeros(2, 3, image_size, image_size, device=device), backend, reduce_range)
 
 
 def fp32_weights(state: dict, source: ckpt.Artifact) -> Classifier:
@@ -214,17 +238,100 @@ def convert_int8(prepared: torch.fx.GraphModule, source: ckpt.Artifact, splits, 
     return int8_model, state, report
 
 
+def calibration_batches(cfg: Config, splits) -> Iterator[torch.Tensor]:
+    """PTQ's calibration set: the first `quant.calib_batches` batches (train.batch_size) of epoch
+    0's seeded order of the training split, eval view (no augmentation), as float batches.
+    bench/int8_peers.py calibrates ONNX Runtime's quantize_static on exactly these."""
+    if not isinstance(splits.train, datalib.ImageSet):
+        raise UserError(f"quant.mode=ptq calibrates on in-memory images; data.name={cfg.data.name} streams JPEGs")
+    order = datalib.epoch_permutation(len(splits.train), cfg.seed, 0)
+    batches = datalib.in_memory_batches(splits.train, order, cfg.train.batch_size)
+    for images, _ in itertools.islice(batches, cfg.quant.calib_batches):
+        yield eval_view(images.cpu(), splits.image_size, splits.mean, splits.std)
+
+
+def calibrate_and_convert(source: ckpt.Artifact, r: Run, cfg: Config, reduce_range: bool) -> tuple:
+    """PTQ: calibration (`calibration_batches`), then the same conversion as QAT, on the CPU,
+    with the source's head. Returns (int8 graph, the source's weights as state, report)."""
+    cpu, splits, size = torch.device("cpu"), r.splits, r.splits.image_size
+    prepared = build_prepared(source, size, cfg.quant.backend, cpu, reduce_range, mode="ptq")
+    seen = pt2e.calibrate(prepared, calibration_batches(cfg, splits))
+    log_line(f"quant: calibrated on {seen} training images ({cfg.quant.calib_batches} batches of "
+             f"{cfg.train.batch_size} asked), no training")
+    state = {k: v.detach().clone() for k, v in Classifier(source.backbone, source.head).state_dict().items()}
+    int8_model = pt2e.convert(prepared)
+    features = pt2e.feature_extractor(int8_model)  # the int8 model's own features, for its kNN top-1
+    with torch.no_grad():
+        train_f, val_f = (predict(features, s.images, splits.mean, splits.std, size, cpu) for s in (splits.train, splits.val))
+    knn = knn_top1(train_f, splits.train.labels.cpu(), val_f, splits.val.labels.cpu(), splits.num_classes,
+                   cfg.eval.knn_k, cfg.eval.knn_temperature)
+    return int8_model, state, {"knn_top1": knn, "qat_head_top1": None, "int8_vs_fakequant_cosine": None,
+                               "calib_images": seen}
+
+
 def export(int8_model: torch.fx.GraphModule, cfg: Config, splits, run_dir: Path) -> Path:
     """One AOTInductor file that runs without this project, its preprocessing inside."""
-    size = splits.image_size
-    meta_strings = {"stage": STAGE, "name": cfg.name, "source": cfg.source, "data": cfg.data.name,
-                    "num_classes": splits.num_classes, "image_size": size,
-                    "mean": json.dumps(list(splits.mean)), "std": json.dumps(list(splits.std)),
-                    "input": "float32 [B, 3, image_size, image_size], (pixels / 255 - mean) / std"}
+    size, meta_strings = splits.image_size, package_metadata(cfg, splits)
     start = time.perf_counter()
     package = pt2e.export_package(int8_model, torch.zeros(2, 3, size, size), run_dir / pt2e.PACKAGE_NAME, meta_strings)
     log_line(f"quant: compiled {package} ({package.stat().st_size / 2**20:.1f} MB) in {time.perf_counter() - start:.0f} s")
     return package
+
+
+def package_metadata(cfg: Config, splits) -> dict:
+    """What travels inside both int8 files: the preprocessing and where the model came from."""
+    return {"stage": STAGE, "name": cfg.name, "source": cfg.source, "data": cfg.data.name, "mode": cfg.quant.mode,
+            "num_classes": splits.num_classes, "image_size": splits.image_size,
+            "mean": json.dumps(list(splits.mean)), "std": json.dumps(list(splits.std)),
+            "input": "float32 [B, 3, image_size, image_size], (pixels / 255 - mean) / std"}
+
+
+def wants_onnx(cfg: Config, reduce_range: bool) -> bool:
+    """quant.onnx resolved: true/false as given; auto when the extra is there and the range fits."""
+    if cfg.quant.onnx == "false" or not cfg.quant.export:
+        return False
+    if cfg.quant.onnx == "true":
+        return True
+    if not onnx_export.available():
+        log_line(f"quant: no model_int8.onnx (quant.onnx=auto, the onnx extra is not installed: {onnx_export.EXTRA_HINT})")
+        return False
+    if reduce_range:
+        log_line("quant: no model_int8.onnx (quant.onnx=auto): 7-bit activations do not survive ONNX's QuantizeLinear")
+        return False
+    return True
+
+
+# metrics.json's ONNX keys, None where no model_int8.onnx was written (the same keys either way).
+NO_ONNX = {k: None for k in ("onnx_file", "onnx_top1", "onnx_top5", "onnx_file_mb", "onnx_vs_pt2_max_abs_diff",
+                             "onnx_vs_pt2_logit_scale", "onnx_vs_pt2_top1_agreement", "onnx_latency_ms_cpu_b1",
+                             "onnx_latency_ms_cpu_b32", "onnx_qdq")}
+
+
+def export_and_check_onnx(int8_model: torch.fx.GraphModule, package_model, cfg: Config, splits, run_dir: Path,
+                          reduce_range: bool) -> dict:
+    """model_int8.onnx from the converted graph, run by ONNX Runtime on the val split beside the
+    .pt2: its top-1/top-5, how far its logits are from the package's, its latency and size."""
+    size, labels = splits.image_size, splits.val.labels.cpu()
+    start = time.perf_counter()
+    path = onnx_export.export_int8(int8_model, torch.zeros(2, 3, size, size), run_dir / ONNX_NAME, reduce_range,
+                                   package_metadata(cfg, splits))
+    log_line(f"quant: exported {path} ({path.stat().st_size / 2**20:.1f} MB) in {time.perf_counter() - start:.0f} s")
+    ort_model = onnx_export.OnnxModel(path)
+    cpu = torch.device("cpu")
+    ort_logits = predict(ort_model, splits.val.images, splits.mean, splits.std, size, cpu)
+    pt2_logits = predict(package_model, splits.val.images, splits.mean, splits.std, size, cpu)
+    acc = topk_accuracy(ort_logits, labels)
+    out = {**NO_ONNX, "onnx_file": path.name, "onnx_top1": acc[1], "onnx_top5": acc[5],
+           "onnx_file_mb": path.stat().st_size / 2**20,
+           "onnx_vs_pt2_max_abs_diff": (ort_logits - pt2_logits).abs().max().item(),
+           "onnx_vs_pt2_logit_scale": pt2_logits.abs().max().item(),
+           "onnx_vs_pt2_top1_agreement": ort_logits.argmax(1).eq(pt2_logits.argmax(1)).float().mean().item(),
+           "onnx_qdq": onnx_export.qdq_counts(path)}
+    if cfg.latency.enabled:
+        for batch in (1, 32):
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+            out[f"onnx_latency_ms_cpu_b{batch}"] = measure_latency(ort_model, x, cfg.latency.warmup, cfg.latency.iters)
+    return out
 
 
 def measure(int8_model, fp32_model: Classifier, splits, cfg: Config, device: torch.device, package) -> dict:
@@ -238,6 +345,15 @@ def measure(int8_model, fp32_model: Classifier, splits, cfg: Config, device: tor
            "top1_drop": fp32_acc[1] - int8_acc[1], "latency_ms_cpu_b1": None, "latency_ms_cpu_b32": None,
            "latency_ms_gpu_b256": None, "fp32_latency_ms_cpu_b1": None, "fp32_latency_ms_cpu_b32": None,
            "latency_cpu_threads": torch.get_num_threads()}
+    if splits.test is not None:  # the same two models on the test split (data.test): measured, never used
+        test_labels = splits.test.labels.cpu()
+        int8_test = topk_accuracy(predict(int8_model, splits.test.images, splits.mean, splits.std, size, cpu),
+                                  test_labels)
+        fp32_test = topk_accuracy(predict(fp32_model.to(device), splits.test.images, splits.mean, splits.std, size,
+                                          device), test_labels)
+        fp32_model.cpu()
+        out.update(test_probe_top1=int8_test[1], test_probe_top5=int8_test[5], test_fp32_top1=fp32_test[1],
+                   test_fp32_top5=fp32_test[5])
     if cfg.latency.enabled:
         for batch in (1, 32):
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -259,10 +375,11 @@ def run(cfg: Config) -> Path:
     check_config(cfg)
     source = load_source(cfg.source)
     # The teacher trains (loss.kd) and/or is measured against (CKA of the tuned backbone).
-    teacher = load_teacher(cfg.teacher, cfg.teacher_head, need_head=cfg.loss.kd > 0) if cfg.teacher else None
+    qat = cfg.quant.mode == "qat"
+    teacher = load_teacher(cfg.teacher, cfg.teacher_head, need_head=qat and cfg.loss.kd > 0) if cfg.teacher else None
 
     # ============ device, seed, data (uint8 images resident on the device) ============
-    r.start()
+    r.start(epochs=None if qat else 0)  # PTQ: no training steps
     device, splits, size = r.device, r.splits, r.splits.image_size
     for what, head in (("source", source.head), ("teacher", teacher.head if teacher else None)):
         if head is not None and head.out_features != splits.num_classes:
@@ -272,6 +389,12 @@ def run(cfg: Config) -> Path:
     # ============ networks: fake-quant classifier (PT2E), frozen teacher ============
     reduce_range = r.state["reduce_range"] if r.state else resolve_reduce_range(cfg.quant.reduce_range)
     r.extra["reduce_range"] = reduce_range  # a resumed run keeps the range it trained with
+    if cfg.quant.onnx == "true" and reduce_range:  # before any work, not after training
+        raise UserError("quant.onnx=true needs full-range activations (quant.reduce_range=false): ONNX's "
+                        "QuantizeLinear has no quant_max, so 7-bit activations would lose their clamp")
+    if not qat:  # PTQ: calibrate, convert, then the same packaging and measurement as QAT
+        int8_model, state, report = calibrate_and_convert(source, r, cfg, reduce_range)
+        return finish(r, cfg, source, teacher, int8_model, state, report, reduce_range)
     prepared = build_prepared(source, size, cfg.quant.backend, device, reduce_range)
     teacher_net = None
     if cfg.loss.kd > 0:
@@ -312,7 +435,18 @@ def run(cfg: Config) -> Path:
 
     # ============ convert, export what ships, measure it against the fp32 source ============
     int8_model, state, report = convert_int8(prepared, source, splits, cfg, reduce_range, device)
+    return finish(r, cfg, source, teacher, int8_model, state, report, reduce_range)
+
+
+def finish(r: Run, cfg: Config, source: ckpt.Artifact, teacher, int8_model: torch.fx.GraphModule, state: dict,
+           report: dict, reduce_range: bool) -> Path:
+    """QAT's and PTQ's common end: the .pt2 (and .onnx), measured against the fp32 source, and
+    the artifact: model.pt (the tuned fp32 weights; PTQ's are the source's), metrics.json."""
+    device, splits, size = r.device, r.splits, r.splits.image_size
     package = export(int8_model, cfg, splits, r.dir) if cfg.quant.export else None
+    onnx_metrics = dict(NO_ONNX)
+    if package and wants_onnx(cfg, reduce_range):
+        onnx_metrics = export_and_check_onnx(int8_model, int8.PackagedModel(package), cfg, splits, r.dir, reduce_range)
     if package:
         int8_model = int8.PackagedModel(package)  # evaluate what ships
     metrics = measure(int8_model, Classifier(source.backbone, source.head).eval(), splits, cfg, device, package)
@@ -321,10 +455,11 @@ def run(cfg: Config) -> Path:
         metrics["cka_teacher"] = features_cka(tuned.backbone, teacher.backbone, splits, device,
                                               cfg.eval.feature_batch_size, r.bf16)[0]
         tuned.cpu()
-    metrics.update(report, **{
+    metrics.update(report, **onnx_metrics, **{
+        "mode": cfg.quant.mode, "calib_batches": cfg.quant.calib_batches if cfg.quant.mode == "ptq" else None,
         "arch": source.spec.get("arch"), "source": cfg.source, "source_stage": source.meta.get("stage"),
         "backend": cfg.quant.backend, "format": "aoti-pt2" if package else None,
-        "head": "refit" if cfg.quant.refit_head else "qat",
+        "head": "source" if cfg.quant.mode == "ptq" else "refit" if cfg.quant.refit_head else "qat",
         "params": count_params(source.backbone), "macs": count_macs(source.backbone, size),
         "file_mb": package.stat().st_size / 2**20 if package else None,
         "fp32_file_mb": source.path.stat().st_size / 2**20,
@@ -334,7 +469,8 @@ def run(cfg: Config) -> Path:
     })
     # ============ final artifact: tuned fp32 weights (model.pt), int8 file, metrics ============
     return r.finish(tuned.backbone, source.spec, tuned.head, metrics, parents=(cfg.source, cfg.teacher, cfg.teacher_head),
-                    meta={"int8_package": pt2e.PACKAGE_NAME if package else None, "backend": cfg.quant.backend},
-                    summary=f"  (int8; fp32 source {metrics['fp32_top1']:.4f})"
+                    meta={"int8_package": pt2e.PACKAGE_NAME if package else None, "backend": cfg.quant.backend,
+                          "int8_onnx": onnx_metrics["onnx_file"], "quant_mode": cfg.quant.mode},
+                    summary=f"  (int8 {cfg.quant.mode}; fp32 source {metrics['fp32_top1']:.4f})"
                     + (f"  {metrics['file_mb']:.1f} MB vs {metrics['fp32_file_mb']:.1f} MB" if package else "")
                     + f"  [{describe(metrics['cpu'])}, activations {'0..127' if reduce_range else '0..255'}]")

@@ -431,6 +431,80 @@ def test_probe_checks_a_package_against_its_record(quant_run, tmp_path, capsys):
     assert "WARNING: int8 package top-1" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- PTQ
+
+
+@pytest.fixture(scope="module")
+def ptq_run(source_dir, tmp_path_factory):
+    """quant.mode=ptq on the same source: calibration on 2 batches, no training, export on."""
+    return run(quant_config(tmp_path_factory.mktemp("ptq"), source_dir, "quant.mode=ptq", "quant.calib_batches=2",
+                            "quant.onnx=false", f"teacher={source_dir}"))  # the teacher: CKA only
+
+
+@pytest.mark.slow
+def test_ptq_package_runs_int8_kernels(ptq_run, source_dir):
+    """PTQ ends in the same kind of file as QAT: every conv an int8 oneDNN kernel, none fp32."""
+    kernels = pt2e.package_kernel_counts(ptq_run / pt2e.PACKAGE_NAME)
+    convs = sum(isinstance(m, nn.Conv2d) for m in ckpt.load_model(source_dir).backbone.modules())
+    assert sum(n for k, n in kernels.items() if k.startswith("_qconv")) == convs, kernels
+    assert kernels.get("_qlinear_pointwise_tensor") == 1, kernels
+    assert not any("convolution" in k for k in kernels), kernels
+
+
+@pytest.mark.slow
+def test_ptq_metrics_are_the_files_and_nothing_trained(ptq_run, quant_run, source_dir):
+    m = json.loads((ptq_run / "metrics.json").read_text())
+    qat = json.loads((quant_run / "metrics.json").read_text())
+    assert set(qat) <= set(m) and m["mode"] == "ptq" and qat["mode"] == "qat"  # same keys as QAT's
+    assert m["epochs"] == 0 and m["steps"] == 0 and m["history"] == [] and m["head"] == "source"
+    assert m["calib_images"] == 2 * 36 and m["calib_batches"] == 2
+    assert not (ptq_run / "checkpoint.pt").exists()
+    # Independent recomputation: the shipped file on the val split.
+    cfg = quant_config(ptq_run.parent, "unused")
+    splits = datalib.load_splits(cfg.data)
+    with torch.no_grad():
+        logits = PackagedModel(ptq_run / pt2e.PACKAGE_NAME)(eval_view(splits.val.images, SIZE, splits.mean, splits.std))
+    acc = topk_accuracy(logits, splits.val.labels)
+    assert m["probe_top1"] == pytest.approx(acc[1]) and m["probe_top5"] == pytest.approx(acc[5])
+    # No training: model.pt holds the source's weights and head, unchanged.
+    art, src = ckpt.load_model(ptq_run), ckpt.load_model(source_dir)
+    for (k, a), b in zip(art.backbone.state_dict().items(), src.backbone.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(art.head.weight, src.head.weight) and art.meta["quant_mode"] == "ptq"
+    # The int8 model computes the source's function: its logits follow the fp32 ones.
+    with torch.no_grad():
+        fp32 = nn.Sequential(src.backbone, src.head)(eval_view(splits.val.images, SIZE, splits.mean, splits.std))
+    assert F.cosine_similarity(fp32.flatten(), logits.flatten(), dim=0).item() >= 0.9
+
+
+@pytest.mark.slow
+def test_a_finished_ptq_run_is_a_no_op(ptq_run, source_dir, capsys):
+    before = (ptq_run / "metrics.json").stat().st_mtime_ns, (ptq_run / pt2e.PACKAGE_NAME).stat().st_mtime_ns
+    again = run(quant_config(ptq_run.parent.parent, source_dir, "quant.mode=ptq", "quant.calib_batches=2",
+                             "quant.onnx=false", f"teacher={source_dir}"))
+    assert again == ptq_run and "nothing to do" in capsys.readouterr().err
+    assert ((ptq_run / "metrics.json").stat().st_mtime_ns, (ptq_run / pt2e.PACKAGE_NAME).stat().st_mtime_ns) == before
+
+
+def test_ptq_calibration_sets_the_ranges():
+    """Calibration is what PTQ learns: the same model calibrated on inputs 4x larger converts to
+    activation scales 4x larger (a broken calibrate that observed nothing would leave defaults)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    scales = []
+    for gain in (1.0, 4.0):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4))
+        prepared = pt2e.prepare_ptq(model, torch.zeros(2, 3, SIZE, SIZE))
+        g = torch.Generator().manual_seed(1)
+        seen = pt2e.calibrate(prepared, (gain * torch.rand(4, 3, SIZE, SIZE, generator=g) for _ in range(3)))
+        assert seen == 12
+        converted = convert_pt2e(prepared)
+        q = [n for n in converted.graph.nodes if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default]
+        scales.append(q[0].args[1])  # the input's scale
+    assert scales[1] == pytest.approx(4 * scales[0], rel=0.05), scales
+
+
 # ----------------------------------------------------------------------------- errors before work
 
 
