@@ -14,8 +14,13 @@
 #                the converted int8 file evaluated on the same 5k validation images
 #   5. qat-kd    the same QAT distilling from the fp32 source's logits (loss.kd=1, the stage's
 #                default loss) instead of the labels
+#   6. ptq       post-training quantisation of the same source (quant.mode=ptq): 8 batches of 256
+#                training images calibrate, nothing trains; the baseline QAT is read against
+#   7. peers     bench/int8_peers.py on qat's and ptq's runs: fp32, the project's int8 files and
+#                ONNX Runtime (fp32, the project's QDQ models, its own quantize_static), side by side
 #
-#   bash bench/qat_cifar_cpu.sh [init] [source] [probe] [qat] [qat-kd] [QUANT OVERRIDES...]  (default: all)
+#   bash bench/qat_cifar_cpu.sh [init] [source] [probe] [qat] [qat-kd] [ptq] [peers] [QUANT OVERRIDES...]
+#   (default: init source probe qat qat-kd)
 #   RUNS=/tmp/qc/runs DATA=../shared/data/cifar10/train bash bench/qat_cifar_cpu.sh qat name=lr0 train.lr=0
 #
 # Every step skips work that is finished; source and the QAT steps resume from their checkpoints.
@@ -29,7 +34,7 @@ data=(data.name=imagefolder "data.root=$DATA" "data.cache_dir=$CACHE" data.downl
       data.image_size=32 data.val_fraction=0.1 track.mode=disabled "run_root=$RUNS")
 
 steps=() overrides=()
-for a in "$@"; do case "$a" in init|source|probe|qat|qat-kd) steps+=("$a") ;; *) overrides+=("$a") ;; esac; done
+for a in "$@"; do case "$a" in init|source|probe|qat|qat-kd|ptq|peers) steps+=("$a") ;; *) overrides+=("$a") ;; esac; done
 [ ${#steps[@]} -gt 0 ] || steps=(init source probe qat qat-kd)
 
 for step in "${steps[@]}"; do
@@ -49,5 +54,11 @@ for step in "${steps[@]}"; do
       python -m quant configs/quant/cifar10_r18.yaml "${data[@]}" source="$RUNS/finetune/r18-w05-supervised" \
         teacher="$RUNS/finetune/r18-w05-supervised" name=r18-w05-int8-kd loss.kd=1 loss.ce=0 train.epochs=1 \
         "${overrides[@]}" ;;
+    ptq)
+      python -m quant configs/quant/cifar10_r18.yaml "${data[@]}" source="$RUNS/finetune/r18-w05-supervised" \
+        'teacher=""' name=r18-w05-int8-ptq quant.mode=ptq quant.calib_batches=8 "${overrides[@]}" ;;
+    peers)
+      python bench/int8_peers.py --qat "$RUNS/quant/r18-w05-int8" --ptq "$RUNS/quant/r18-w05-int8-ptq" \
+        --out "$RUNS/peers" ;;
   esac
 done
