@@ -321,7 +321,7 @@ def test_shipped_pipelines_and_example_grid_resolve(no_slurm, capsys):
     assert len(planned) == 6 and {p.cfg.byol.momentum_start for p in planned} == {0.99, 0.996}
     # The multi-stage studies, with their documented digits override (the CIFAR-10 files need
     # the main pipeline's artifacts to exist first).
-    for study, steps in (("order", 6), ("recovery", 6)):
+    for study, steps in (("order", 6), ("recovery", 7)):
         spec, planned = plan_sweep(ROOT / f"configs/ablations/{study}.yaml",
                                    [f"config={ROOT}/configs/pipelines/{study}_digits.yaml", "seeds=[0,1]"])
         assert len(planned) == 2 * steps and {p.cfg.data.name for p in planned} == {"digits"}
