@@ -128,9 +128,6 @@ def session(path: Path, threads: Optional[int] = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
-    # ORT's idle threads spin by default, and on a small machine they took the cores from torch's
-    # threads timed after it: the quickstart's .pt2 ran 184 ms a batch instead of 0.7 ms.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:

@@ -327,6 +327,9 @@ def export_and_check_onnx(int8_model: torch.fx.GraphModule, package_model, cfg: 
            "onnx_vs_pt2_logit_scale": pt2_logits.abs().max().item(),
            "onnx_vs_pt2_top1_agreement": ort_logits.argmax(1).eq(pt2_logits.argmax(1)).float().mean().item(),
            "onnx_qdq": onnx_export.qdq_counts(path)}
+    log_line(f"quant: {path.name} in ONNX Runtime: top-1 {acc[1]:.4f} (the .pt2: "
+             f"{topk_accuracy(pt2_logits, labels)[1]:.4f}), same class for {out['onnx_vs_pt2_top1_agreement']:.1%} "
+             f"of images, logits within {out['onnx_vs_pt2_max_abs_diff']:.3g} of {out['onnx_vs_pt2_logit_scale']:.3g}")
     if cfg.latency.enabled:
         for batch in (1, 32):
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
