@@ -211,9 +211,12 @@ def convert_int8(prepared: torch.fx.GraphModule, source: ckpt.Artifact, splits, 
                                                      device), labels)[1]}  # fake-quant, QAT-tuned source head
     features = pt2e.feature_extractor(prepared)  # the head's input: what conversion computes, in float
     train_features = predict(features, splits.train.images, splits.mean, splits.std, size, device)
-    report["knn_top1"] = knn_top1(train_features, splits.train.labels.cpu(),
-                                  predict(features, splits.val.images, splits.mean, splits.std, size, device), labels,
-                                  splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    for prefix, part in (("", splits.val), ("test_", splits.test)):  # test: data.test, measured only
+        if part is not None:
+            report[f"{prefix}knn_top1"] = knn_top1(
+                train_features, splits.train.labels.cpu(),
+                predict(features, part.images, splits.mean, splits.std, size, device), part.labels.cpu(),
+                splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
     state = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
     if device.type != "cpu":  # the same graph rebuilt on the CPU (as on resume)
         prepared = build_prepared(source, size, cfg.quant.backend, cpu, reduce_range)

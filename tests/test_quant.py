@@ -589,3 +589,16 @@ def test_resume_is_exact_and_freezes_follow_the_schedule(tmp_path):
     assert observers and all(states[3]["model"][k].item() == 1 for k in observers)
     assert all(states[5]["model"][k].item() == 0 for k in observers)
 
+
+
+def test_test_split_numbers_sit_beside_the_val_ones(tmp_path):
+    """data.test=true (digits: the fixed held-out fifth): the int8 model, its fp32 source and the
+    int8 features' kNN are also scored on the test split, under test_* names."""
+    source = make_source(tmp_path / "byol", width_divisor=8)
+    out = run(quant_config(tmp_path / "runs", source, "data.name=digits", "data.test=true", "data.val_fraction=0.2",
+                           "quant.export=false", "quant.onnx=false", "latency.enabled=false", "loss.kd=0",
+                           "loss.ce=1", "eval.probe_epochs=5"))
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("probe_top1", "test_probe_top1", "test_probe_top5", "test_fp32_top1", "test_knn_top1", "knn_top1"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["test_split"] == "digits test (359)"
