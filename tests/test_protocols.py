@@ -282,18 +282,29 @@ def test_probe_stage_writes_test_metrics_and_collect_shows_them(tmp_path, run_ro
     backbone = build_backbone("resnet18", cifar_stem=False)
     art = run_root / "init" / "r18"
     ckpt.save_model(art, backbone, backbone_spec(backbone, "resnet18", False), {"stage": "init"})
-    cfg = load_config(Config, None, [
+    overrides = [
         "data.name=imagefolder", f"data.root={tmp_path / 'train'}", f"data.test_root={tmp_path / 'test'}",
         "data.image_size=16", "data.val_fraction=0.25", f"data.cache_dir={tmp_path / 'cache'}",
         f"run_root={run_root}", f"artifact={art}", "track.mode=disabled", "engine.device=cpu",
         "engine.progress=false", "eval.knn_k=5", "eval.probe_epochs=5",
-        "linear.enabled=true", "linear.epochs=2", "linear.batch_size=8"])
-    out = run(cfg)
+        "linear.enabled=true", "linear.epochs=2", "linear.batch_size=8", "linear.train_on=train"]
+    out = run(load_config(Config, None, overrides))
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("knn_top1", "probe_top1", "test_knn_top1", "test_probe_top1", "test_probe_top5", "test_linear_top1"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert "linear_top1" not in metrics  # trained on train+val: val is not held out
+    assert metrics["linear_train_on"] == "train" and "linear_top1" in metrics
     assert metrics["test_split"].endswith("test (12)") and (out / "linear_head.pt").is_file()
+    # The same probe without the test split: the same head and the same val numbers.
+    no_test = load_config(Config, None, [*(o for o in overrides if not o.startswith("data.test_root")), "name=no-test"])
+    plain = run(no_test)
+    again = json.loads((plain / "metrics.json").read_text())
+    assert {k: v for k, v in metrics.items() if k in again and k not in ("seconds", "linear_train_on",
+                                                                        "linear_train_images")} == \
+        {k: v for k, v in again.items() if k in metrics and k not in ("seconds", "linear_train_on",
+                                                                     "linear_train_images")}
+    assert not any(k.startswith("test_") for k in again)
+    heads = [torch.load(d / "head.pt", weights_only=True)["head"] for d in (out, plain)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
     text = collect([run_root])
     header = text.splitlines()[2]
     assert "test columns: " in text and "test (12)" in text
