@@ -14,6 +14,10 @@ median round is reported, so a slow stretch of a shared machine hits every row a
                                   weights, uint8 activations, MinMax calibration on the same
                                   batches as the PTQ run (quant.train.calibration_batches)
 
+--reference adds the project's two .onnx files in ONNX Runtime with its graph optimisations off:
+the QDQ pairs run as written (float convolutions on dequantised values), the reference the int8
+kernels of both runtimes approximate.
+
 Columns: top-1 and top-5 on the val split of the QAT run's data, latency at batch 1 and 32
 (core.latency.measure_latency), file size. Writes peers.md and peers.json to --out.
 
@@ -94,7 +98,7 @@ def ort_quantize_static(fp32_onnx: Path, calibration: list, out: Path) -> Path:
     return out
 
 
-def build_rows(qat_dir: Path, ptq_dir: Path, out: Path) -> tuple:
+def build_rows(qat_dir: Path, ptq_dir: Path, out: Path, reference: bool = False) -> tuple:
     """{row name: (module, file or None)} and the data splits, every file loaded up front."""
     qat_cfg, _ = read_run(qat_dir, "qat")
     ptq_cfg, _ = read_run(ptq_dir, "ptq")
@@ -112,6 +116,10 @@ def build_rows(qat_dir: Path, ptq_dir: Path, out: Path) -> tuple:
              "ORT quantize_static": ort_ptq}
     rows = {name: (fp32 if path is None else load_file(path), path) for name, path in files.items()}
     rows["fp32 eager (PyTorch)"] = (fp32, source.path)
+    if reference:
+        for mode, run_dir in (("QAT", qat_dir), ("PTQ", ptq_dir)):
+            rows[f"{mode} ONNX, ORT optimisations off"] = (onnx_export.OnnxModel(run_dir / ONNX_NAME, optimize=False),
+                                                          run_dir / ONNX_NAME)
     return rows, splits, len(calibration)
 
 
@@ -153,12 +161,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--reference", action="store_true", help="also the .onnx files with ORT's optimisations off")
     a = p.parse_args(argv)
     try:
         onnx_export.require("bench/int8_peers.py")
         torch.set_num_threads(a.threads)
         a.out.mkdir(parents=True, exist_ok=True)
-        rows, splits, calib = build_rows(a.qat, a.ptq, a.out)
+        rows, splits, calib = build_rows(a.qat, a.ptq, a.out, a.reference)
         results = benchmark(rows, splits, a.rounds, a.warmup, a.iters)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

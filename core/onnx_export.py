@@ -119,8 +119,10 @@ def qdq_counts(path: Path) -> Dict[str, int]:
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 
-def session(path: Path, threads: Optional[int] = None):
-    """An ONNX Runtime CPU session with as many intra-op threads as torch uses (fair timings)."""
+def session(path: Path, threads: Optional[int] = None, optimize: bool = True):
+    """An ONNX Runtime CPU session with as many intra-op threads as torch uses (fair timings).
+    optimize=False: no graph optimisations, so QDQ pairs run as written (float ops on dequantised
+    values, the reference semantics) instead of fused int8 kernels."""
     require("ONNX Runtime")
     import onnxruntime as ort
 
@@ -128,6 +130,8 @@ def session(path: Path, threads: Optional[int] = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -137,12 +141,12 @@ def session(path: Path, threads: Optional[int] = None):
 class OnnxModel(nn.Module):
     """An ONNX file run by ONNX Runtime, as a module (so latency and evaluation code can call it)."""
 
-    def __init__(self, path: Path, threads: Optional[int] = None):
+    def __init__(self, path: Path, threads: Optional[int] = None, optimize: bool = True):
         super().__init__()
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(f"no such ONNX model: {path}")
-        self.session = session(self.path, threads)
+        self.session = session(self.path, threads, optimize)
         self.input_name = self.session.get_inputs()[0].name
         meta = self.metadata()
         self.image_size = int(meta["image_size"]) if "image_size" in meta else None

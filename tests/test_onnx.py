@@ -189,10 +189,10 @@ def test_the_bench_says_which_file_is_corrupt_in_one_line(ptq_run, tmp_path):
 def test_the_bench_measures_every_peer(ptq_run, tmp_path):
     qat = corrupt_copy(ptq_run, tmp_path / "qat", "unused", mode="qat")
     res = run_cli(["bench/int8_peers.py", "--qat", str(qat), "--ptq", str(ptq_run), "--out", str(tmp_path / "out"),
-                   "--rounds", "2", "--iters", "2", "--warmup", "1"], cwd=ROOT)
+                   "--rounds", "2", "--iters", "2", "--warmup", "1", "--reference"], cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "peers.json").read_text())["rows"]
-    assert len(rows) == 7 and all(len(r["rounds_b1"]) == 2 for r in rows.values())
+    assert len(rows) == 9 and all(len(r["rounds_b1"]) == 2 for r in rows.values())
     assert rows["fp32 ONNX Runtime"]["top1"] == pytest.approx(rows["fp32 eager (PyTorch)"]["top1"])
     assert rows["PTQ .pt2 (AOTInductor)"]["top1"] == pytest.approx(json.loads((ptq_run / "metrics.json").read_text())
                                                                    ["probe_top1"])
