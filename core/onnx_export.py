@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from core import checkpoint as ckpt
 from core.errors import UserError
 
 EXTRA_HINT = 'pip install -e ".[onnx]"'
@@ -86,6 +87,7 @@ def export(module: nn.Module, example: torch.Tensor, path: Path, metadata: Optio
     os.close(fd)
     try:
         onnx.save_model(model, tmp)
+        os.chmod(tmp, 0o666 & ~ckpt._umask())  # mkstemp makes 0600, as core/checkpoint.py's writes
         os.replace(tmp, path)  # atomic: a killed export leaves no half file under the real name
     finally:
         Path(tmp).unlink(missing_ok=True)
