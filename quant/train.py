@@ -264,12 +264,15 @@ def calibrate_and_convert(source: ckpt.Artifact, r: Run, cfg: Config, reduce_ran
     state = {k: v.detach().clone() for k, v in Classifier(source.backbone, source.head).state_dict().items()}
     int8_model = pt2e.convert(prepared)
     features = pt2e.feature_extractor(int8_model)  # the int8 model's own features, for its kNN top-1
+    report = {"qat_head_top1": None, "int8_vs_fakequant_cosine": None, "calib_images": seen}
     with torch.no_grad():
-        train_f, val_f = (predict(features, s.images, splits.mean, splits.std, size, cpu) for s in (splits.train, splits.val))
-    knn = knn_top1(train_f, splits.train.labels.cpu(), val_f, splits.val.labels.cpu(), splits.num_classes,
-                   cfg.eval.knn_k, cfg.eval.knn_temperature)
-    return int8_model, state, {"knn_top1": knn, "qat_head_top1": None, "int8_vs_fakequant_cosine": None,
-                               "calib_images": seen}
+        train_f = predict(features, splits.train.images, splits.mean, splits.std, size, cpu)
+        for prefix, part in (("", splits.val), ("test_", splits.test)):  # as convert_int8: test measured only
+            if part is not None:
+                report[f"{prefix}knn_top1"] = knn_top1(
+                    train_f, splits.train.labels.cpu(), predict(features, part.images, splits.mean, splits.std, size, cpu),
+                    part.labels.cpu(), splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    return int8_model, state, report
 
 
 def export(int8_model: torch.fx.GraphModule, cfg: Config, splits, run_dir: Path) -> Path:
