@@ -107,6 +107,18 @@ def read_run(run_dir: Path, sweeps: Dict[Path, dict]) -> dict:
     return row
 
 
+def onnx_row(row: dict, run_dir: Path) -> Optional[dict]:
+    """quant's model_int8.onnx as a row of its own, like any other run: ONNX Runtime's top-1,
+    latency and file size from metrics.json's onnx_* keys (#22); None without an ONNX file."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    if m.get("onnx_top1") is None:
+        return None
+    return {**row, **{k: None for k in METRICS}, "run": f"{row['run']} (onnx)", "group": f"{row['group']} (onnx)",
+            "probe_top1": m["onnx_top1"], "probe_top5": m["onnx_top5"], "params": row["params"], "macs": row["macs"],
+            "file_mb": m["onnx_file_mb"], "latency_ms_cpu_b1": m["onnx_latency_ms_cpu_b1"],
+            "latency_ms_cpu_b32": m["onnx_latency_ms_cpu_b32"]}
+
+
 # ----------------------------------------------------------------------------- grouping
 
 
@@ -290,6 +302,7 @@ def collect(paths: Sequence[str | Path], out: Optional[str | Path] = None, cost:
         keep = {Path(p).resolve() for p in only}
         found = [d for d in found if d.resolve() in keep]
     rows = [read_run(d, sweeps) for d in found]
+    rows += [r for r in (onnx_row(row, d) for row, d in zip(list(rows), found)) if r is not None]
     if out is None:  # <run_root>/collect, for a run root or one of its artifacts (<run_root>/<stage>/<name>)
         out = (paths[0].parent.parent if (paths[0] / "metrics.json").is_file() else paths[0]) / "collect"
     out = Path(out)

@@ -198,3 +198,23 @@ def test_the_bench_measures_every_peer(ptq_run, tmp_path):
                                                                    ["probe_top1"])
     assert onnx_export.qdq_counts(tmp_path / "out" / "ort_quantize_static.onnx")["int8_weights"] > 0
     assert "| ORT quantize_static |" in (tmp_path / "out" / "peers.md").read_text()
+
+
+def test_collect_shows_the_onnx_file_as_a_row_of_its_own(tmp_path):
+    """launch collect reads quant's onnx_* keys like any other run's metrics: one '(onnx)' row with
+    ONNX Runtime's top-1, latency and file size; a quant run without an ONNX file adds none."""
+    from launch.collect import collect
+
+    base = {"stage": "quant", "arch": "resnet18", "probe_top1": 0.61, "probe_top5": 0.95, "params": 5.4e6,
+            "macs": 7.6e6, "file_mb": 6.0, "latency_ms_cpu_b1": 0.7, "latency_ms_cpu_b32": 1.3}
+    onnx = {"onnx_top1": 0.605, "onnx_top5": 0.94, "onnx_file_mb": 5.5, "onnx_latency_ms_cpu_b1": 0.65,
+            "onnx_latency_ms_cpu_b32": 7.4}
+    for name, extra in (("with", onnx), ("without", {"onnx_top1": None})):
+        d = tmp_path / "runs" / "quant" / name
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({**base, **extra}))
+    lines = collect([tmp_path / "runs"]).splitlines()
+    rows = [line for line in lines if line.startswith("| quant/")]
+    assert len(rows) == 3, rows
+    onnx_rows = [line for line in rows if "(onnx)" in line]
+    assert onnx_rows == ["| quant/with (onnx) | quant | resnet18 | 0.6050 | 0.9400 | 5.40M | 7.6M | 5.50 | 0.65 | 7.40 |"]
