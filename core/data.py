@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from dataclasses import replace
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -59,6 +58,8 @@ class Splits:
     test: "ImageSet | JpegFolder | None" = None
     test_name: str = ""  # where it came from, e.g. "cifar10 test (10000)"
     unlabeled: Optional[ImageSet] = None  # stl10's unlabelled images, for self-supervised training
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -78,14 +79,14 @@ def load_splits(cfg: DataConfig, self_supervised: bool = False) -> Splits:
     if cfg.name == "imagefolder" and not cfg.in_memory:
         paths, labels, classes = scan_image_folder(Path(cfg.root))
         full, test = JpegFolder(paths, labels, len(classes)), None
-        if test_wanted(cfg):
+        if wants_test(cfg):
             test_paths, test_labels, test_classes = scan_test_folder(cfg)
             check_test_classes(cfg, classes, test_classes)
             test = JpegFolder(test_paths, test_labels, len(test_classes))
         train_idx, val_idx = carve_validation(len(full), cfg.val_fraction, cfg.split_seed)
         return Splits(full.subset(train_idx), full.subset(val_idx), full.num_classes,
-                      IMAGENET_MEAN, IMAGENET_STD, cfg.image_size, test, test_label(cfg, test))
-    if cfg.name == "imagefolder" and test_wanted(cfg):  # a bad test folder stops before the decode
+                      IMAGENET_MEAN, IMAGENET_STD, cfg.image_size, test, name_test_split(cfg, test))
+    if cfg.name == "imagefolder" and wants_test(cfg):  # a bad test folder stops before the decode
         check_test_classes(cfg, scan_image_folder(Path(cfg.root))[2], scan_test_folder(cfg)[2])
     full = LOADERS[cfg.name](cfg)
     full, test = split_off_test(cfg, full)
@@ -95,7 +96,7 @@ def load_splits(cfg: DataConfig, self_supervised: bool = False) -> Splits:
     unlabeled = load_stl10_unlabeled(cfg) if cfg.name == "stl10" and (
         cfg.unlabeled == "true" or (cfg.unlabeled == "auto" and self_supervised)) else None
     return Splits(train, full.subset(val_idx), full.num_classes, mean, std, cfg.image_size, test,
-                  test_label(cfg, test), unlabeled)
+                  name_test_split(cfg, test), unlabeled)
 
 
 def with_unlabeled(train: ImageSet, unlabeled: ImageSet) -> ImageSet:
@@ -106,21 +107,22 @@ def with_unlabeled(train: ImageSet, unlabeled: ImageSet) -> ImageSet:
 
 # ----------------------------------------------------------------------------- test splits
 
-DIGITS_TEST_FRACTION, DIGITS_TEST_SEED = 0.2, 20_26  # fixed: the same 359 test digits for every split_seed
+DIGITS_TEST_FRACTION, DIGITS_TEST_SEED = 0.2, 2026  # fixed: the same 359 test digits for every split_seed
 
 
-def test_wanted(cfg: DataConfig) -> bool:
+def wants_test(cfg: DataConfig) -> bool:
     """data.test as a yes/no: auto = the dataset has an official test split (or data.test_root)."""
     if cfg.test == "false":
         return False
     has = cfg.name in ("cifar10", "cifar100", "stl10") or (cfg.name == "imagefolder" and bool(cfg.test_root))
     if cfg.test == "true" and not has and cfg.name != "digits":
         need = "data.test_root=DIR (a folder of class folders)" if cfg.name == "imagefolder" else "another dataset"
-        raise UserError(f"data.test=true: data.name={cfg.name} has no test split; it needs {need}")
+        raise UserError(f"data.test=true: data.name={cfg.name} has no test split; it needs {need}, "
+                        f"or data.test=auto (a test split only where the data has one)")
     return has or (cfg.test == "true" and cfg.name == "digits")
 
 
-def test_label(cfg: DataConfig, test) -> str:
+def name_test_split(cfg: DataConfig, test) -> str:
     if test is None:
         return ""
     where = cfg.test_root if cfg.name == "imagefolder" else f"{cfg.name} test"
@@ -129,7 +131,7 @@ def test_label(cfg: DataConfig, test) -> str:
 
 def split_off_test(cfg: DataConfig, full: ImageSet) -> Tuple[ImageSet, Optional[ImageSet]]:
     """(what train and val are carved from, the test split or None)."""
-    if not test_wanted(cfg):
+    if not wants_test(cfg):
         return full, None
     if cfg.name == "digits":  # no official split: a fixed fifth, held out before train/val
         rest, test = carve_validation(len(full), DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
