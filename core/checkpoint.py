@@ -98,8 +98,12 @@ def atomic_save(obj: Any, path: Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
 def safe_load(path: Path, map_location="cpu") -> dict:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -65,8 +63,6 @@ def export(module: nn.Module, example: torch.Tensor, path: Path, metadata: Optio
     """`module` as an ONNX file with a dynamic batch dimension (input "images", output "logits"),
     written atomically; `metadata` (strings) goes into the file's metadata_props."""
     require("ONNX export")
-    import onnx
-
     from core.engine import quiet_library_noise
 
     quiet_library_noise()
@@ -83,14 +79,8 @@ def export(module: nn.Module, example: torch.Tensor, path: Path, metadata: Optio
     model = program.model_proto
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=str(value))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.chmod(tmp, 0o666 & ~ckpt._umask())  # mkstemp makes 0600, as core/checkpoint.py's writes
-        os.replace(tmp, path)  # atomic: a killed export leaves no half file under the real name
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # atomic, and the umask's mode, as every run file (a killed export leaves no half file)
+    ckpt.atomic_write_bytes(path, model.SerializeToString())
     return path
 
 

@@ -198,6 +198,19 @@ def fp32_weights(state: dict, source: ckpt.Artifact) -> Classifier:
     return model.eval()
 
 
+def int8_knn(features, train_features: torch.Tensor, splits, cfg: Config, device: torch.device) -> dict:
+    """kNN top-1 of the int8 model's features (bank: the train split's `train_features`) on val and,
+    where data.test configures one, on the test split (measured only)."""
+    out = {}
+    for prefix, part in (("", splits.val), ("test_", splits.test)):
+        if part is not None:
+            out[f"{prefix}knn_top1"] = knn_top1(
+                train_features, splits.train.labels.cpu(),
+                predict(features, part.images, splits.mean, splits.std, splits.image_size, device),
+                part.labels.cpu(), splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    return out
+
+
 def convert_int8(prepared: torch.fx.GraphModule, source: ckpt.Artifact, splits, cfg: Config, reduce_range: bool,
                  device: torch.device) -> tuple:
     """BN and observers frozen; the int8 model's own (fake-quantised) features computed where it
@@ -211,12 +224,7 @@ def convert_int8(prepared: torch.fx.GraphModule, source: ckpt.Artifact, splits, 
                                                      device), labels)[1]}  # fake-quant, QAT-tuned source head
     features = pt2e.feature_extractor(prepared)  # the head's input: what conversion computes, in float
     train_features = predict(features, splits.train.images, splits.mean, splits.std, size, device)
-    for prefix, part in (("", splits.val), ("test_", splits.test)):  # test: data.test, measured only
-        if part is not None:
-            report[f"{prefix}knn_top1"] = knn_top1(
-                train_features, splits.train.labels.cpu(),
-                predict(features, part.images, splits.mean, splits.std, size, device), part.labels.cpu(),
-                splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    report.update(int8_knn(features, train_features, splits, cfg, device))
     state = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
     if device.type != "cpu":  # the same graph rebuilt on the CPU (as on resume)
         prepared = build_prepared(source, size, cfg.quant.backend, cpu, reduce_range)
@@ -264,15 +272,9 @@ def calibrate_and_convert(source: ckpt.Artifact, r: Run, cfg: Config, reduce_ran
     state = {k: v.detach().clone() for k, v in Classifier(source.backbone, source.head).state_dict().items()}
     int8_model = pt2e.convert(prepared)
     features = pt2e.feature_extractor(int8_model)  # the int8 model's own features, for its kNN top-1
-    report = {"qat_head_top1": None, "int8_vs_fakequant_cosine": None, "calib_images": seen}
-    with torch.no_grad():
-        train_f = predict(features, splits.train.images, splits.mean, splits.std, size, cpu)
-        for prefix, part in (("", splits.val), ("test_", splits.test)):  # as convert_int8: test measured only
-            if part is not None:
-                report[f"{prefix}knn_top1"] = knn_top1(
-                    train_f, splits.train.labels.cpu(), predict(features, part.images, splits.mean, splits.std, size, cpu),
-                    part.labels.cpu(), splits.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
-    return int8_model, state, report
+    train_features = predict(features, splits.train.images, splits.mean, splits.std, size, cpu)
+    return int8_model, state, {"qat_head_top1": None, "int8_vs_fakequant_cosine": None, "calib_images": seen,
+                               **int8_knn(features, train_features, splits, cfg, cpu)}
 
 
 def export(int8_model: torch.fx.GraphModule, cfg: Config, splits, run_dir: Path) -> Path:
@@ -336,6 +338,31 @@ def export_and_check_onnx(int8_model: torch.fx.GraphModule, package_model, cfg: 
     log_line(f"quant: {path.name} in ONNX Runtime: top-1 {acc[1]:.4f} (the .pt2: "
              f"{topk_accuracy(pt2_logits, labels)[1]:.4f}), same class for {out['onnx_vs_pt2_top1_agreement']:.1%} "
              f"of images, logits within {out['onnx_vs_pt2_max_abs_diff']:.3g} of {out['onnx_vs_pt2_logit_scale']:.3g}")
+    if cfg.latency.enabled:
+        for batch in (1, 32):
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+            out[f"onnx_latency_ms_cpu_b{batch}"] = measure_latency(ort_model, x, cfg.latency.warmup, cfg.latency.iters)
+    return out
+
+
+def measure(int8_model, fp32_model: Classifier, splits, cfg: Config, device: torch.device, package) -> dict:
+    """On the CPU: top-1/top-5 of the int8 model (its own head) and of the fp32 source; latency."""
+    cpu, size = torch.device("cpu"), splits.image_size
+    out = {"latency_ms_cpu_b1": None, "latency_ms_cpu_b32": None, "latency_ms_gpu_b256": None,
+           "fp32_latency_ms_cpu_b1": None, "fp32_latency_ms_cpu_b32": None,
+           "latency_cpu_threads": torch.get_num_threads()}
+    # val, and the test split where data.test configures one (measured, never used to decide)
+    for prefix, part in (("", splits.val), ("test_", splits.test)):
+        if part is None:
+            continue
+        labels = part.labels.cpu()
+        int8_acc = topk_accuracy(predict(int8_model, part.images, splits.mean, splits.std, size, cpu), labels)
+        fp32_acc = topk_accuracy(predict(fp32_model.to(device), part.images, splits.mean, splits.std, size, device),
+                                 labels)
+        fp32_model.cpu()
+        out.update({f"{prefix}probe_top1": int8_acc[1], f"{prefix}probe_top5": int8_acc[5],
+                    f"{prefix}fp32_top1": fp32_acc[1], f"{prefix}fp32_top5": fp32_acc[5]})
+    out["top1_drop"] = out["fp32_top1"] - out["probe_top1"]
     if cfg.latency.enabled:
         for batch in (1, 32):
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
